@@ -1,0 +1,15 @@
+"""localize: supervised local learning for any PyTorch model.
+
+``localize.transform(model, blocks=K, example_inputs=(x,))`` traces the model, cuts it into K
+gradient-isolated blocks at legal, balanced cut points, generates an auxiliary head per block and
+returns a :class:`LocalModel` whose ``train_step`` trains every block with its own local loss.
+"""
+
+from localize.errors import LocalizeError
+from localize.model import Block, LocalModel
+from localize.tracer import Traced, trace
+from localize.transform import transform
+
+__all__ = ["Block", "LocalModel", "LocalizeError", "Traced", "trace", "transform", "__version__"]
+
+__version__ = "0.1.0"

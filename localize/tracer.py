@@ -1,0 +1,366 @@
+"""Capture a model as a flat ``torch.fx.GraphModule``.
+
+``torch.fx.symbolic_trace`` is tried first (it keeps leaf modules as ``call_module`` nodes, so the
+graph reads like the model). Models it cannot capture (Hugging Face transformers, code that reads
+tensor shapes) are exported with non-strict ``torch.export`` with a dynamic batch dimension. Either
+way the result is normalised to one form:
+
+* one placeholder per tensor input, named after the ``forward`` parameter;
+* the output node returns a flat tuple of leaves; ``Traced.out_spec`` rebuilds the structure
+  (tuple, dict, ``ModelOutput``) the model returns;
+* every node carries ``node.meta["localize"]["module"]``: the path of the module that owns it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+from localize.errors import ConfigError, TraceError
+
+__all__ = ["Traced", "trace", "lmeta"]
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_LOCALIZE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def lmeta(node: fx.Node) -> dict[str, Any]:
+    """The ``node.meta["localize"]`` dict where every pass keeps its facts about a node."""
+    return node.meta.setdefault("localize", {})
+
+
+@dataclass
+class Traced:
+    """A captured model: a flat GraphModule plus what is needed to call it like the model."""
+
+    gm: fx.GraphModule
+    method: str  # "fx" or "export"
+    input_names: list[str]  # forward parameters that are graph placeholders, in placeholder order
+    constants: dict[str, Any]  # forward parameters bound to a fixed value while tracing
+    out_spec: pytree.TreeSpec  # structure of the model's output; leaves are the output node's args
+    signature: inspect.Signature
+    notes: list[str] = field(default_factory=list)
+
+    def bind(self, args: tuple, kwargs: dict) -> list[Any]:
+        """Map a call ``model(*args, **kwargs)`` onto the graph's placeholders."""
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError as e:
+            raise ConfigError(
+                f"inputs do not match forward{self.signature}: {e}; pass them as the model expects"
+            ) from None
+        values = []
+        for name in self.input_names:
+            if name not in bound.arguments:
+                default = self.signature.parameters[name].default
+                if default is inspect.Parameter.empty:
+                    raise ConfigError(f"missing input {name!r}: forward{self.signature} needs it")
+                values.append(default)
+            else:
+                values.append(bound.arguments[name])
+        for name in bound.arguments:
+            if name not in self.input_names and name not in self.constants:
+                raise ConfigError(
+                    f"input {name!r} was not given when the model was traced, so the graph has no slot "
+                    f"for it; pass it in example_inputs/example_kwargs to transform()"
+                )
+        return values
+
+    def unflatten(self, leaves: list[Any]) -> Any:
+        return pytree.tree_unflatten(list(leaves), self.out_spec)
+
+
+def trace(
+    model: torch.nn.Module,
+    example_inputs: tuple | None = None,
+    example_kwargs: dict[str, Any] | None = None,
+) -> Traced:
+    """Capture ``model`` as a flat GraphModule (fx first, non-strict ``torch.export`` second).
+
+    Example:
+        >>> import torch, localize
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> t = localize.trace(net, (torch.randn(3, 4),))
+        >>> t.method, t.input_names
+        ('fx', ['input'])
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    sig = inspect.signature(model.forward)
+    example_kwargs = dict(example_kwargs or {})
+    if example_inputs is not None and not isinstance(example_inputs, tuple):
+        if isinstance(example_inputs, list):
+            example_inputs = tuple(example_inputs)
+        else:
+            example_inputs = (example_inputs,)
+    _check_kwargs(model, sig, example_kwargs)
+
+    fx_error: BaseException | None = None
+    try:
+        traced = _trace_fx(model, sig, example_inputs, example_kwargs)
+    except Exception as e:  # noqa: BLE001 - any failure sends us to export
+        fx_error = e
+    else:
+        return traced
+
+    if example_inputs is None and not example_kwargs:
+        raise TraceError(
+            f"torch.fx cannot capture {type(model).__name__} ({_first_line(fx_error)}){_user_line(fx_error)}; "
+            "torch.export can be tried, but it needs example inputs: pass example_inputs=(x,) to transform()"
+        )
+    try:
+        return _trace_export(model, sig, example_inputs or (), example_kwargs, fx_error)
+    except TraceError:
+        raise
+    except Exception as export_error:  # noqa: BLE001
+        raise _both_failed(model, fx_error, export_error) from None
+
+
+def _check_kwargs(model: torch.nn.Module, sig: inspect.Signature, kwargs: dict[str, Any]) -> None:
+    takes_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+    for name in kwargs:
+        if name not in sig.parameters and not takes_var_kw:
+            raise ConfigError(
+                f"example_kwargs names {name!r}, but {type(model).__name__}.forward takes "
+                f"{list(sig.parameters)}; use one of those names"
+            )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torch.fx
+
+
+class _PathTracer(fx.Tracer):
+    """symbolic_trace's tracer, recording source lines for error messages."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.record_stack_traces = True
+
+
+def _trace_fx(model, sig, example_inputs, example_kwargs) -> Traced:
+    params = [
+        p
+        for p in sig.parameters.values()
+        if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    ]
+    provided: dict[str, Any] = {}
+    if example_inputs is not None:
+        if len(example_inputs) > len(params):
+            raise ConfigError(
+                f"{len(example_inputs)} example inputs given, but forward takes {len(params)} positional arguments"
+            )
+        provided.update({p.name: v for p, v in zip(params, example_inputs)})
+    provided.update(example_kwargs)
+    placeholders, constants = [], {}
+    for p in params:
+        if p.name in provided:
+            value = provided[p.name]
+            if isinstance(value, torch.Tensor):
+                placeholders.append(p.name)
+            else:
+                constants[p.name] = value
+        elif example_inputs is None and p.default is inspect.Parameter.empty:
+            placeholders.append(p.name)
+        elif p.default is not inspect.Parameter.empty:
+            constants[p.name] = p.default
+        else:
+            raise ConfigError(f"forward argument {p.name!r} has no default: pass it in example_inputs")
+
+    tracer = _PathTracer()
+    graph = tracer.trace(model, concrete_args=dict(constants))
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    _drop_constant_placeholders(gm, placeholders)
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            lmeta(node)["module"] = node.target
+        else:
+            stack = node.meta.get("nn_module_stack") or {}
+            lmeta(node)["module"] = next(reversed(stack.values()))[0] if stack else ""
+    out_spec = _flatten_output(gm)
+    gm.recompile()
+    return Traced(gm, "fx", placeholders, constants, out_spec, sig)
+
+
+def _drop_constant_placeholders(gm: fx.GraphModule, keep: list[str]) -> None:
+    """fx turns concrete args into placeholders guarded by asserts; drop both (the value is fixed)."""
+    for node in list(gm.graph.nodes):
+        if node.op != "placeholder" or node.target in keep:
+            continue
+        for user in _all_users(node)[::-1]:
+            if user.users:
+                continue
+            gm.graph.erase_node(user)
+        if node.users:
+            raise TraceError(f"constant argument {node.target!r} is used as a value in the graph")
+        gm.graph.erase_node(node)
+    # fx names placeholders after forward's parameters; make sure order matches `keep`.
+    names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    if names != keep:
+        raise TraceError(f"unexpected placeholders {names}, expected {keep}")
+
+
+def _all_users(node: fx.Node) -> list[fx.Node]:
+    seen: dict[fx.Node, None] = {}
+    stack = list(node.users)
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen[n] = None
+            stack.extend(n.users)
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    return sorted(seen, key=order.__getitem__)
+
+
+def _flatten_output(gm: fx.GraphModule) -> pytree.TreeSpec:
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    leaves, spec = pytree.tree_flatten(out.args[0])
+    out.args = (tuple(leaves),)
+    return spec
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torch.export
+
+
+def _trace_export(model, sig, example_inputs, example_kwargs, fx_error) -> Traced:
+    kwargs = dict(example_kwargs)
+    notes = [f"torch.fx could not capture the model ({_first_line(fx_error)}); used torch.export"]
+    if "use_cache" in sig.parameters and "use_cache" not in kwargs:
+        # Hugging Face caches are not pytree-registered outputs; local training never wants them.
+        kwargs["use_cache"] = False
+    args = tuple(example_inputs)
+    # a dynamic batch dimension, so the traced batch size does not fix the training one
+    bound_all = sig.bind_partial(*args, **kwargs).arguments
+    dynamic = {
+        name: pytree.tree_map(
+            lambda v: {0: torch.export.Dim.AUTO} if isinstance(v, torch.Tensor) and v.dim() > 0 else None, value
+        )
+        for name, value in bound_all.items()
+    }
+    was_training = model.training
+    model.eval()  # dropout/batch-norm become mode-switchable ops in a later pass
+    try:
+        ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
+    finally:
+        model.train(was_training)
+    gm = ep.module()
+    in_spec, out_spec = gm._in_spec, gm._out_spec
+    gm.graph.set_codegen(fx.graph.CodeGen())
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    arg_nodes, kwarg_nodes = pytree.tree_unflatten(placeholders, in_spec)
+    bound = sig.bind_partial(*args, **kwargs).arguments
+    names = list(bound)
+    per_name: dict[str, Any] = dict(zip(names, arg_nodes))
+    per_name.update(kwarg_nodes)
+
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            gm.graph.erase_node(node)
+    if hasattr(gm, "_guards_fn"):
+        delattr(gm, "_guards_fn")
+
+    input_names, constants = [], {}
+    for name, node in per_name.items():
+        value = bound[name]
+        if isinstance(value, torch.Tensor):
+            if not isinstance(node, fx.Node):
+                raise TraceError(f"input {name!r} is nested; pass flat tensors as inputs")
+            node.name = node.target = name
+            input_names.append(name)
+        else:
+            constants[name] = value
+            for leaf in pytree.tree_leaves(node):
+                if isinstance(leaf, fx.Node):
+                    if leaf.users:
+                        leaf.replace_all_uses_with(value)  # type: ignore[arg-type]
+                    gm.graph.erase_node(leaf)
+    for p in sig.parameters.values():
+        if p.name not in bound and p.default is not inspect.Parameter.empty:
+            constants[p.name] = p.default
+    order = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    input_names.sort(key=order.index)
+
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        path = next(reversed(stack.values()))[0] if stack else ""
+        if node.op == "get_attr":
+            path = node.target.rpartition(".")[0]
+        lmeta(node)["module"] = _clean_export_path(path)
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    out.args = (tuple(out.args[0]),)
+    gm.graph.eliminate_dead_code()
+    # a plain GraphModule: the exported module class refuses train()/eval()
+    gm = fx.GraphModule(gm, gm.graph, type(model).__name__)
+    return Traced(gm, "export", input_names, constants, out_spec, sig, notes)
+
+
+def _clean_export_path(path: str) -> str:
+    # export writes paths like "L['self'].layer1[0]" in some versions and "layer1.0" in others.
+    path = path.replace("L['self'].", "").replace("L['self']", "")
+    out = []
+    i = 0
+    while i < len(path):
+        c = path[i]
+        if c == "[":
+            j = path.index("]", i)
+            out.append("." + path[i + 1 : j].strip("'\""))
+            i = j + 1
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out).lstrip(".")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# error reporting
+
+
+def _first_line(e: BaseException | None) -> str:
+    if e is None:
+        return ""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _user_line(e: BaseException | None) -> str:
+    """' at file.py:12: `code`' for the innermost frame that belongs to the user, if any."""
+    if e is None or e.__traceback__ is None:
+        return ""
+    user = None
+    for frame in traceback.extract_tb(e.__traceback__):
+        f = os.path.abspath(frame.filename)
+        if f.startswith(_TORCH_DIR) or f.startswith(_LOCALIZE_DIR) or f.startswith("<"):
+            continue
+        if os.sep + "contextlib.py" in f or f.startswith(os.path.dirname(os.__file__) + os.sep + "importlib"):
+            continue
+        user = frame
+    if user is None:
+        return ""
+    return f" at {user.filename}:{user.lineno}: `{(user.line or '').strip()}`"
+
+
+def _both_failed(model, fx_error, export_error) -> TraceError:
+    hint = (
+        "if forward branches on tensor values, rewrite the branch with torch.cond or torch.where, "
+        "or make it depend on shapes/flags only; you can also move the dynamic part outside the model"
+    )
+    text = f"{_first_line(fx_error)} {_first_line(export_error)}".lower()
+    if "data-dependent" in text or "control flow" in text or "guard" in text:
+        what = "data-dependent control flow"
+    else:
+        what = "an unsupported construct"
+    return TraceError(
+        f"cannot capture {type(model).__name__}: {what}{_user_line(export_error) or _user_line(fx_error)}. "
+        f"torch.fx said: {_first_line(fx_error)}. torch.export said: {_first_line(export_error)}. "
+        f"What to do: {hint}."
+    )
+

@@ -1,0 +1,286 @@
+"""The driver: trace → passes → LocalModel. Reads top to bottom; one line per pass."""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from localize import aux as aux_registry
+from localize.errors import ConfigError, LocalizeError, PlanError, VerificationError
+from localize.loss import LossFn, cross_entropy_last_dim
+from localize.model import LocalModel, OptimizerFactory
+from localize.outputs import Selector, select_output
+from localize.passes.annotate_tensors import annotate_tensors, value_info
+from localize.passes.assign_blocks import assign_blocks
+from localize.passes.balance_blocks import METRICS, balance_blocks
+from localize.passes.bind_training_mode import bind_training_mode
+from localize.passes.cost import Cost, annotate_costs, node_cost
+from localize.passes.find_cut_points import compute_nodes, find_cut_points
+from localize.passes.insert_aux_heads import infer_layout, insert_aux_heads
+from localize.passes.insert_gradient_cuts import insert_gradient_cuts, source_of
+from localize.passes.resolve_named_cuts import resolve_named_cuts
+from localize.passes.verify_isolation import verify_isolation
+from localize.plan import BlockPlan, Plan
+from localize.tracer import lmeta, trace
+
+__all__ = ["transform"]
+
+
+def transform(
+    model: nn.Module,
+    blocks: int | None = None,
+    example_inputs: tuple | Any = None,
+    *,
+    example_kwargs: dict[str, Any] | None = None,
+    aux: str = "dgl",
+    aux_options: dict[str, Any] | None = None,
+    optimizer: OptimizerFactory | str = "adamw",
+    lr: float | None = None,
+    loss_fn: LossFn | None = None,
+    output: Selector = None,
+    balance: str = "flops",
+    cuts: list[str] | None = None,
+    max_frontier: int = 1,
+    on_nan: str = "raise",
+) -> LocalModel:
+    """Turn ``model`` into a :class:`LocalModel` of ``blocks`` gradient-isolated blocks.
+
+    Args:
+        model: any ``nn.Module`` that ``torch.fx.symbolic_trace`` or ``torch.export`` captures.
+            Its parameters are shared with the result, not copied.
+        blocks: number of blocks K (``1`` is plain backprop); default 4, or ``len(cuts) + 1``.
+        example_inputs: positional example tensors (a tuple, or one tensor). Optional for models
+            fx can trace: then cuts are balanced by parameter count and heads are built at the
+            first call. Their batch size does not fix the training batch size.
+        example_kwargs: keyword example inputs.
+        aux: auxiliary-head strategy (``localize.aux.available()``), e.g. ``"dgl"``, ``"linear"``.
+        aux_options: options of that strategy.
+        optimizer: a factory ``params -> torch.optim.Optimizer`` called once per block, or
+            ``"sgd"``/``"adamw"`` (``localize.optim``) with ``lr``.
+        loss_fn: ``(prediction, target) -> loss``; default cross-entropy over the last dim.
+        output: which output the loss reads for dict/tuple/dataclass outputs (a key, an index, or
+            a callable); default ``"logits"`` or the only tensor.
+        balance: cost that blocks balance: ``"flops"``, ``"params"`` or ``"memory"``.
+        cuts: module names that each start a new block (instead of automatic balancing).
+        max_frontier: how many activations may cross a cut (1 keeps skip connections whole).
+        on_nan: ``"raise"`` or ``"skip"`` when a local loss is not finite.
+
+    Example:
+        >>> import torch, localize
+        >>> net = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU())
+        ...                             for _ in range(4)], torch.nn.Linear(16, 4))
+        >>> lm = localize.transform(net, blocks=2, example_inputs=(torch.randn(8, 16),))
+        >>> x = torch.randn(3, 16)
+        >>> torch.allclose(lm(x), net(x))
+        True
+        >>> [len(b.plan.nodes) for b in lm.blocks]
+        [5, 4]
+    """
+    if blocks is None:
+        blocks = 4 if cuts is None else len(cuts) + 1
+    _check_args(model, blocks, aux, balance, max_frontier, on_nan, cuts)
+    opt_factory = _optimizer_factory(optimizer, lr)
+    example_inputs = _as_tuple(example_inputs)
+    timings: dict[str, float] = {}
+    graphs: dict[str, str] = {}
+
+    with _stage("trace", timings):
+        traced = trace(model, example_inputs, example_kwargs)  # fx, else non-strict export
+    gm = traced.gm
+    annotated = example_inputs is not None or bool(example_kwargs)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise PlanError(
+            f"{type(model).__name__} has no trainable parameters: nothing to train; "
+            f"set requires_grad=True on the parameters you want localize to train"
+        )
+    if annotated:
+        with _stage("annotate_tensors", timings):
+            flat = traced.bind(tuple(example_inputs or ()), dict(example_kwargs or {}))
+            annotate_tensors(gm, flat)  # shapes, dtypes, needs-grad, FLOPs from one example run
+    with _stage("annotate_costs", timings):
+        annotate_costs(gm)  # params / FLOPs / activation bytes per node
+    _debug("annotate_costs", gm, graphs)
+    with _stage("find_cut_points", timings):
+        legal = find_cut_points(gm, model, max_frontier=max_frontier)  # frontier + unit rule
+    with _stage("balance_blocks", timings):
+        if cuts is not None:
+            positions = resolve_named_cuts(gm, model, list(cuts))  # user-chosen module boundaries
+            if len(positions) + 1 != blocks:
+                raise PlanError(
+                    f"cuts={list(cuts)} make {len(positions) + 1} blocks but blocks={blocks}; leave blocks unset"
+                )
+        else:
+            metric = balance if annotated else "params"  # no shapes: no FLOPs or bytes yet
+            positions = balance_blocks(gm, legal, blocks, metric)  # exact DP over legal cuts
+    with _stage("assign_blocks", timings):
+        assign_blocks(gm, positions)  # block id per node; tied parameters read detached
+    flags = []
+    if traced.method == "export":
+        with _stage("bind_training_mode", timings):
+            flags = bind_training_mode(gm)  # exported dropout / batch-norm follow train()
+    _debug("assign_blocks", gm, graphs)
+    with _stage("insert_gradient_cuts", timings):
+        program, qualname_map = insert_gradient_cuts(gm)  # split into blocks, detach at boundaries
+    _debug("insert_gradient_cuts", program, graphs)
+    with _stage("verify_isolation", timings):
+        verify_isolation(gm, program)  # every node in one block; no autograd path crosses a cut
+
+    plan = Plan(
+        traced=traced,
+        gm=gm,
+        program=program,
+        qualname_map=qualname_map,
+        legal_cuts=legal,
+        cut_positions=positions,
+        blocks=_block_plans(gm, program),
+        output_index=-1,
+        output_shape=None,
+        output_layout=None,
+        balance=balance,
+        max_frontier=max_frontier,
+        aux=aux,
+        aux_options=dict(aux_options or {}),
+        annotated=annotated,
+        timings=timings,
+        graphs=graphs,
+    )
+    plan.output_index = _select_output(plan, output)
+    heads: list[nn.Module | None] = [None] * len(plan.blocks)
+    if annotated:
+        with _stage("insert_aux_heads", timings):
+            heads = _build_heads(plan)  # one head per block, shaped from the graph
+    return LocalModel(
+        model,
+        plan,
+        heads,
+        optimizer=opt_factory,
+        loss_fn=loss_fn or cross_entropy_last_dim,
+        on_nan=on_nan,
+        flags=flags,
+        complete=_complete_lazy_plan,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _check_args(model, blocks, aux, balance, max_frontier, on_nan, cuts) -> None:
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
+        raise ConfigError(f"blocks must be an int >= 1 (1 is plain backprop), got {blocks!r}")
+    aux_registry.check_name(aux)
+    if balance not in METRICS:
+        raise ConfigError(f"balance={balance!r} is not a cost; choose one of {list(METRICS)}")
+    if isinstance(max_frontier, bool) or not isinstance(max_frontier, int) or max_frontier < 1:
+        raise ConfigError(f"max_frontier must be an int >= 1, got {max_frontier!r}")
+    if on_nan not in ("raise", "skip"):
+        raise ConfigError(f"on_nan={on_nan!r}; choose 'raise' or 'skip'")
+    if cuts is not None and (isinstance(cuts, str) or not all(isinstance(c, str) for c in cuts)):
+        raise ConfigError(f"cuts must be a list of module names, e.g. ['layer2', 'layer3'], got {cuts!r}")
+
+
+def _optimizer_factory(optimizer: OptimizerFactory | str, lr: float | None) -> OptimizerFactory:
+    if isinstance(optimizer, str):
+        from localize import optim
+
+        optim.build_optimizer(optimizer, [torch.nn.Parameter(torch.zeros(1))], lr=lr)  # validates name/lr
+        return lambda params: optim.build_optimizer(optimizer, params, lr=lr)
+    if not callable(optimizer):
+        raise ConfigError(
+            f"optimizer must be 'sgd', 'adamw' or a factory params -> torch.optim.Optimizer, got {optimizer!r}"
+        )
+    if lr is not None:
+        raise ConfigError("lr= applies to optimizer='sgd'/'adamw'; set the learning rate inside your factory")
+    return optimizer
+
+
+def _as_tuple(example_inputs: Any) -> tuple | None:
+    if example_inputs is None or isinstance(example_inputs, tuple):
+        return example_inputs
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    raise ConfigError(f"example_inputs must be a tuple of tensors, got {type(example_inputs).__name__}")
+
+
+@contextmanager
+def _stage(name: str, timings: dict[str, float]):
+    start = time.perf_counter()
+    try:
+        yield
+    except LocalizeError:
+        raise
+    except Exception as e:  # a bug in a pass: say which pass, keep the cause
+        raise VerificationError(f"pass {name} failed after {list(timings)}: {type(e).__name__}: {e}") from e
+    finally:
+        timings[name] = time.perf_counter() - start
+
+
+def _debug(name: str, gm: fx.GraphModule, graphs: dict[str, str]) -> None:
+    graphs[name] = gm.code
+    if os.environ.get("LOCALIZE_DEBUG"):
+        print(f"# ---- after {name} ----\n{gm.code}")
+
+
+def _block_plans(gm: fx.GraphModule, program: fx.GraphModule) -> list[BlockPlan]:
+    nodes_of: dict[int, list[fx.Node]] = {}
+    for node in compute_nodes(gm):
+        nodes_of.setdefault(lmeta(node)["block"], []).append(node)
+    plans = []
+    for node in program.graph.nodes:
+        if node.op != "call_module":
+            continue
+        b = lmeta(node)["block"]
+        sub: fx.GraphModule = getattr(program, node.target)
+        inputs = [n.name for n in sub.graph.nodes if n.op == "placeholder"]
+        out = next(n for n in reversed(sub.graph.nodes) if n.op == "output")
+        outputs = [a.name for a in out.args[0]]
+        cut_inputs = []
+        for arg in node.all_input_nodes:
+            if lmeta(arg).get("cut"):
+                cut_inputs.append(lmeta(arg)["source"])
+            elif (src := source_of(program, arg)) is not None:
+                cut_inputs.append(src[1])
+        cost = sum((node_cost(n) for n in nodes_of.get(b, [])), Cost())
+        plans.append(BlockPlan(b, [n.name for n in nodes_of.get(b, [])], inputs, outputs, cost, cut_inputs=cut_inputs))
+    return plans
+
+
+def _select_output(plan: Plan, selector: Selector) -> int:
+    out = next(n for n in reversed(plan.gm.graph.nodes) if n.op == "output")
+    leaves = out.args[0]
+    is_tensor = []
+    for leaf in leaves:
+        info = value_info(leaf) if isinstance(leaf, fx.Node) else None
+        is_tensor.append(isinstance(leaf, fx.Node) and (info is None or info.is_tensor))
+    return select_output(plan.traced.out_spec, is_tensor, selector)
+
+
+def _build_heads(plan: Plan) -> list[nn.Module | None]:
+    out = next(n for n in reversed(plan.gm.graph.nodes) if n.op == "output")
+    leaf = out.args[0][plan.output_index]
+    plan.output_shape = value_info(leaf).shape
+    plan.output_layout = infer_layout(plan.gm, leaf)
+    plan.annotated = True
+    return insert_aux_heads(plan, context=plan)
+
+
+def _complete_lazy_plan(lm: LocalModel, flat: list[Any]) -> None:
+    """First call of a model transformed without example inputs: record shapes, build heads."""
+    plan = lm.plan
+    annotate_tensors(plan.gm, flat)
+    annotate_costs(plan.gm)
+    for bp, fresh in zip(plan.blocks, _block_plans(plan.gm, plan.program)):
+        bp.cost = fresh.cost
+    heads = _build_heads(plan)
+    lm._set_heads(heads)
+    lm._prepare_runtime()
+

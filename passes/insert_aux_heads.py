@@ -1,0 +1,108 @@
+"""Generate each block's auxiliary head from the graph.
+
+For every block but the last, the head reads the block's *primary activation*: the largest value
+that needs a gradient and crosses the block's end cut. Its layout is read from the graph: walking
+back from the activation, the first op that fixes a layout decides (conv, batch-norm and pooling
+are channels-first; linear, layer-norm, embedding and matmul are channels-last). The head maps it
+to the shape of the model output the loss reads, so one loss serves all blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from localize.passes.annotate_tensors import value_info
+from torch import nn
+
+from localize.aux import AuxSpec, build_aux
+from localize.plan import Plan
+from localize.tracer import lmeta
+
+__all__ = ["infer_layout", "insert_aux_heads", "choose_primary"]
+
+_FIRST = ("conv", "batch_norm", "batchnorm", "pool", "instance_norm", "group_norm", "upsample", "interpolate")
+_LAST = ("linear", "layer_norm", "layernorm", "embedding", "matmul", "addmm", "bmm", "scaled_dot_product", "rms_norm", "rmsnorm")
+
+
+def _op_name(gm: fx.GraphModule, node: fx.Node) -> str:
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)).__name__.lower()
+    if node.op == "call_method":
+        return str(node.target).lower()
+    return getattr(node.target, "__name__", str(node.target)).lower()
+
+
+def infer_layout(gm: fx.GraphModule, node: fx.Node) -> str:
+    """"channels_first", "channels_last" or "flat" for a tensor-valued node."""
+    info = value_info(node)
+    ndim = len(info.shape) if info is not None and info.is_tensor else 0
+    if ndim <= 2:
+        return "flat"
+    seen, frontier = set(), [node]
+    while frontier:
+        n = frontier.pop(0)
+        if n in seen or n.op not in ("call_module", "call_function", "call_method"):
+            continue
+        seen.add(n)
+        name = _op_name(gm, n)
+        if any(k in name for k in _FIRST):
+            return "channels_first"
+        if any(k in name for k in _LAST):
+            return "channels_last"
+        frontier.extend(a for a in n.all_input_nodes if a.op != "get_attr")
+        if len(seen) > 64:
+            break
+    return "channels_first" if ndim >= 4 else "channels_last"
+
+
+def choose_primary(plan: Plan, block: int) -> str | None:
+    """Name (in the flat graph) of the activation block ``block`` hands on that its head reads."""
+    by_name = {n.name: n for n in plan.gm.graph.nodes}
+    later = {name for b in plan.blocks[block + 1 :] for name in b.cut_inputs}
+    best, best_bytes = None, -1
+    for name in plan.blocks[block].outputs:
+        node = by_name.get(name)
+        if node is None or name not in later:
+            continue
+        info = value_info(node)
+        if info is None or not info.is_tensor or not info.floating or not info.requires_grad:
+            continue
+        if info.nbytes >= best_bytes:
+            best, best_bytes = name, info.nbytes
+    return best
+
+
+def insert_aux_heads(plan: Plan, context: object = None) -> list[nn.Module | None]:
+    """Build one head per block (None for the last block, which uses the model's own output)."""
+    heads: list[nn.Module | None] = []
+    by_name = {n.name: n for n in plan.gm.graph.nodes}
+    for block in plan.blocks[:-1]:
+        block.primary = choose_primary(plan, block.index)
+        if block.primary is None:
+            heads.append(None)
+            continue
+        node = by_name[block.primary]
+        info = value_info(node)
+        block.feature_shape = info.shape
+        block.feature_layout = infer_layout(plan.gm, node)
+        lmeta(node)["aux"] = plan.aux
+        spec = AuxSpec(
+            block=block.index,
+            blocks=plan.num_blocks,
+            feature_shape=info.shape,
+            feature_layout=block.feature_layout,
+            output_shape=plan.output_shape,
+            output_layout=plan.output_layout,
+            options=dict(plan.aux_options),
+            context=context,
+        )
+        head = build_aux(plan.aux, spec)
+        heads.append(head.to(_device_of(node, plan)))
+    heads.append(None)
+    return heads
+
+
+def _device_of(node: fx.Node, plan: Plan) -> torch.device:
+    for p in plan.gm.parameters():
+        return p.device
+    return torch.device("cpu")

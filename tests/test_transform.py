@@ -1,0 +1,196 @@
+"""The spine's acceptance: every model family transforms, computes what it computed, and trains.
+
+References: the untransformed model (inference), plain backprop on a copy (K=1 gradients), and
+the autograd graph itself (isolation: a block's aux loss reaches nothing outside the block).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+import localize
+from tests.models import CASES
+
+NAMES = list(CASES)
+
+
+def _sgd(lr: float):
+    return lambda params: torch.optim.SGD(params, lr=lr)
+
+
+def _call_inputs(lm, case, batch, args=None):
+    """train_step inputs: positional tuple, or a dict when the case has keyword inputs."""
+    args, kwargs = args if args is not None else case.inputs(batch), case.kwargs(batch)
+    if not kwargs:
+        return args
+    return {**dict(zip(lm.plan.traced.input_names, args)), **kwargs}
+
+
+def _logits(out):
+    return out if isinstance(out, torch.Tensor) else out["logits"] if isinstance(out, dict) else out.logits
+
+
+def _transform(case, blocks, batch=4, **kw):
+    model = case.build()
+    kw.setdefault("optimizer", lambda p: torch.optim.AdamW(p, lr=3e-3))
+    lm = localize.transform(
+        model, blocks=blocks, example_inputs=case.inputs(batch), example_kwargs=case.kwargs(batch) or None, **kw
+    )
+    return model, lm
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("blocks", [2, 4])
+def test_inference_equals_original_and_training_lowers_losses(name, blocks):
+    case = CASES[name]
+    model, lm = _transform(case, blocks)
+    assert len(lm.blocks) == blocks
+    assert all(b.aux is not None for b in lm.blocks[:-1]) and lm.blocks[-1].aux is None
+    model.eval()
+    lm.eval()
+    torch.manual_seed(1)
+    args, kwargs = case.inputs(3), case.kwargs(3)  # batch 3: traced with 4
+    with torch.no_grad():
+        torch.testing.assert_close(_logits(lm(*args, **kwargs)), _logits(model(*args, **kwargs)), atol=1e-5, rtol=0)
+    lm.train()
+    inputs, target = _call_inputs(lm, case, 5), case.target(5)  # another batch size again
+    first = lm.train_step(inputs, target)
+    for _ in range(30):
+        last = lm.train_step(inputs, target)
+    assert all(torch.isfinite(torch.tensor(first + last)))
+    assert all(b < a for a, b in zip(first, last)), (first, last)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_one_block_is_exactly_backprop(name):
+    case = CASES[name]
+    reference = case.build()
+    model, lm = _transform(case, 1, optimizer=_sgd(0.0))
+    model.train()
+    reference.train()
+    inputs, target = case.inputs(5), case.target(5)
+    lm.train_step(_call_inputs(lm, case, 5, inputs), target)
+    out = _logits(reference(*inputs, **case.kwargs(5)))
+    F.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1)).backward()
+    got = dict(model.named_parameters())
+    for pname, p in reference.named_parameters():
+        if p.grad is None:
+            assert got[pname].grad is None or not got[pname].grad.any(), pname
+            continue
+        torch.testing.assert_close(got[pname].grad, p.grad, atol=1e-6, rtol=0, msg=pname)
+
+
+class _Capture(fx.Interpreter):
+    """Runs the program with autograd on, keeping each block's outputs."""
+
+    def __init__(self, program):
+        super().__init__(program)
+        self.outputs = {}
+
+    def call_module(self, target, args, kwargs):
+        out = super().call_module(target, args, kwargs)
+        self.outputs[int(target.rsplit("_", 1)[1])] = out
+        return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_aux_loss_reaches_only_its_own_block(name):
+    case = CASES[name]
+    model, lm = _transform(case, 4)
+    flat = lm.plan.traced.bind(case.inputs(4), case.kwargs(4))
+    target = case.target(4)
+    run = _Capture(lm.program)
+    with torch.enable_grad():
+        run.run(*flat)
+    owner = {}
+    for b in lm.blocks:
+        for p in b.trainable:
+            owner[id(p)] = b.index
+    all_params = list(model.parameters()) + list(lm.aux.parameters())
+    for i in range(3):
+        for p in all_params:
+            p.grad = None
+        lm.local_loss(i, run.outputs[i], target).backward(retain_graph=True)
+        touched = {owner.get(id(p), -1) for p in all_params if p.grad is not None and p.grad.any()}
+        assert touched == {i}, (i, touched)
+
+
+def test_resnet_boundaries_lie_between_residual_blocks():
+    case = CASES["resnet2d"]
+    model, lm = _transform(case, 4)
+    from localize.tracer import lmeta
+
+    for a, b in zip(lm.blocks, lm.blocks[1:]):
+        last = lmeta(next(n for n in lm.plan.gm.graph.nodes if n.name == a.plan.nodes[-1]))["module"]
+        first = lmeta(next(n for n in lm.plan.gm.graph.nodes if n.name == b.plan.nodes[0]))["module"]
+        # module paths look like layer2.0.conv1: the residual unit is the first two components
+        unit = lambda path: ".".join(path.split(".")[:2]) if path.startswith("layer") else path  # noqa: E731
+        assert unit(last) != unit(first), (last, first)
+        assert first.startswith("layer") and first.endswith(".0.conv1"), first
+
+
+def test_named_cuts_start_blocks_at_modules():
+    case = CASES["resnet2d"]
+    model, lm = _transform(case, None, cuts=["layer2", "layer4"])
+    assert len(lm.blocks) == 3
+    from localize.tracer import lmeta
+
+    firsts = [lmeta(next(n for n in lm.plan.gm.graph.nodes if n.name == b.plan.nodes[0]))["module"] for b in lm.blocks]
+    assert firsts == ["conv1", "layer2.0.conv1", "layer4.0.conv1"]
+
+
+def test_without_example_inputs_heads_are_built_at_first_call():
+    case = CASES["resnet2d"]
+    model = case.build()
+    lm = localize.transform(model, blocks=2, optimizer=_sgd(0.05))
+    assert not lm.ready and all(b.aux is None for b in lm.blocks)
+    x, y = case.inputs(6), case.target(6)
+    losses = lm.train_step(x, y)
+    assert lm.ready and lm.blocks[0].aux is not None and len(losses) == 2
+    model.eval()
+    lm.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(lm(*x), model(*x), atol=1e-5, rtol=0)
+
+
+def test_state_dict_shares_model_parameters_and_round_trips():
+    case = CASES["mlp"]
+    model, lm = _transform(case, 2)
+    sd = lm.state_dict()
+    assert any(k.startswith("aux.0.") for k in sd)
+    model_keys = {f"model.{k}" for k in model.state_dict()}
+    assert model_keys <= set(sd)
+    lm.train_step(case.inputs(4), case.target(4))
+    for k, v in model.state_dict().items():
+        assert torch.equal(sd[f"model.{k}"], v)  # shared storage: the step updated both
+    clone_model, clone = _transform(case, 2)
+    clone.load_state_dict(lm.state_dict())
+    x = case.inputs(3)
+    torch.testing.assert_close(clone(*x), lm(*x))
+
+
+def test_train_eval_switch_exported_dropout():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(num_hidden_layers=2, hidden_size=16, num_attention_heads=2, intermediate_size=32,
+                     vocab_size=30, max_position_embeddings=8, num_labels=2, hidden_dropout_prob=0.5)
+    model = BertForSequenceClassification(cfg)
+    x = torch.randint(0, 30, (2, 8))
+    lm = localize.transform(model, blocks=2, example_inputs=(x,))
+    assert lm.plan.traced.method == "export"
+    lm.eval()
+    torch.testing.assert_close(lm(x).logits, lm(x).logits)
+    lm.train()
+    assert not torch.equal(lm(x).logits, lm(x).logits)  # dropout is live again
+
+
+def test_program_has_a_detach_at_every_boundary():
+    case = CASES["gpt"]
+    _, lm = _transform(case, 4)
+    cuts = [n for n in lm.program.graph.nodes if n.op == "call_method" and n.target == "detach"]
+    blocks_fed = sorted({n.meta["localize"]["block"] for n in cuts})
+    assert blocks_fed == [1, 2, 3]
