@@ -20,13 +20,23 @@ from localize.plan import BlockPlan, Plan
 from localize.schedule import ActionKind, Schedule, sequential_schedule
 from localize.tracer import lmeta
 
-__all__ = ["Block", "LocalModel", "NonFiniteLossError"]
+__all__ = ["Block", "LocalModel", "LossContext", "NonFiniteLossError"]
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
 
 class NonFiniteLossError(LocalizeError):
     """A local loss became NaN or infinite (``on_nan="raise"``)."""
+
+
+@dataclass
+class LossContext:
+    """What a head with its own ``local_loss`` may read besides its feature and the target."""
+
+    block: int
+    inputs: list[Any]  # the model's inputs of this step, in placeholder order
+    block_inputs: tuple  # the block's own (detached) inputs
+    loss_fn: LossFn  # the transform's loss (e.g. to score a classifier branch)
 
 
 @dataclass
@@ -230,13 +240,23 @@ class LocalModel(nn.Module):
         self.step_count += 1
         return losses
 
-    def local_loss(self, block: int, outputs: tuple, target: torch.Tensor) -> torch.Tensor:
-        """Block ``block``'s loss on its forward outputs (aux head, or the model output if last)."""
+    def local_loss(
+        self, block: int, outputs: tuple, target: torch.Tensor, context: LossContext | None = None
+    ) -> torch.Tensor:
+        """Block ``block``'s loss on its forward outputs (aux head, or the model output if last).
+
+        A head that defines ``local_loss(feature, target, context)`` computes its own loss (e.g.
+        reconstruction plus classification); any other head's output goes to ``loss_fn``.
+        """
         b = self.blocks[block]
         if b.aux is None:
             if block != len(self.blocks) - 1:
                 raise LocalizeError(f"block {block} has no activation to train an aux head on")
             pred = outputs[self._output_slot]
+        elif hasattr(b.aux, "local_loss"):
+            feature = outputs[self._primary_slot[block]]
+            ctx = context or LossContext(block, [], (), self.loss_fn)
+            return b.aux.local_loss(feature, target, ctx)
         else:
             pred = b.aux(outputs[self._primary_slot[block]])
         try:
@@ -257,7 +277,9 @@ class _Run:
         self.lm = lm
         self.env: dict[fx.Node, Any] = {}
         self.next = 0
+        self.flat = flat
         self.inputs = iter(flat)
+        self.block_inputs: dict[int, tuple] = {}
         self.outputs: dict[int, tuple] = {}
         self.losses: dict[int, torch.Tensor] = {}
 
@@ -286,6 +308,7 @@ class _Run:
         self._advance(pos - 1)
         node = self.lm._nodes[pos]
         args = fx.node.map_arg(node.args, self.env.__getitem__)
+        self.block_inputs[block.index] = tuple(args)
         with torch.enable_grad():
             outs = block.module(*args)
         self.outputs[block.index] = outs
@@ -297,7 +320,8 @@ class _Run:
     def loss(self, block: Block, target: torch.Tensor) -> float:
         lm = self.lm
         with torch.enable_grad():
-            loss = lm.local_loss(block.index, self.outputs[block.index], target)
+            ctx = LossContext(block.index, self.flat, self.block_inputs.get(block.index, ()), lm.loss_fn)
+            loss = lm.local_loss(block.index, self.outputs[block.index], target, ctx)
             value = float(loss.detach())
             if not math.isfinite(value):
                 if lm.on_nan == "raise":
@@ -317,6 +341,8 @@ class _Run:
     def update(self, block: Block) -> None:
         if self.losses.get(block.index) is not None and block.optimizer is not None:
             block.optimizer.step()
+            if block.aux is not None and hasattr(block.aux, "after_update"):
+                block.aux.after_update()  # e.g. an EMA copy following the next block's layer
         outs = self.outputs.pop(block.index, None)
         if outs is not None:
             node = self.lm._nodes[self.lm._block_node[block.index]]
@@ -324,6 +350,7 @@ class _Run:
             if node in self.env:
                 self.env[node] = detached  # frees the block's autograd graph
         self.losses.pop(block.index, None)
+        self.block_inputs.pop(block.index, None)
 
 
 def _owned_params(plan: Plan) -> dict[int, list[nn.Parameter]]:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch.fx as fx
+from torch import nn
 
 from localize.passes.cost import Cost
 from localize.passes.find_cut_points import CutPoint
@@ -31,6 +32,7 @@ class BlockPlan:
 
 @dataclass
 class Plan:
+    model: nn.Module  # the user's model (parameters shared with the blocks)
     traced: Traced
     gm: fx.GraphModule  # the flat, annotated graph
     program: fx.GraphModule  # top level: submod_i calls, gradient cuts, getitems

@@ -132,6 +132,7 @@ def transform(
         verify_isolation(gm, program)  # every node in one block; no autograd path crosses a cut
 
     plan = Plan(
+        model=model,
         traced=traced,
         gm=gm,
         program=program,
