@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.flop_counter import FlopCounterMode
 
 from localize.tracer import lmeta
@@ -59,7 +61,7 @@ def value_info(node: fx.Node) -> ValueInfo | None:
 class _Recorder(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule) -> None:
         super().__init__(gm)
-        self._params = {p.untyped_storage().data_ptr() for p in gm.parameters()}
+        self._params = {_storage_key(p) for p in gm.parameters()}
         self._producer: dict[int, fx.Node] = {}
         self._seen: set[int] = set()
         self._current: fx.Node | None = None
@@ -67,7 +69,7 @@ class _Recorder(fx.Interpreter):
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         # Bytes autograd keeps for backward, each storage counted once and charged to the node
         # that produced it: a block keeps what it produces, plus its inputs (charged at the cut).
-        ptr = t.untyped_storage().data_ptr()
+        ptr = _storage_key(t)
         if ptr not in self._params and ptr not in self._seen:
             self._seen.add(ptr)
             owner = self._producer.get(ptr, self._current)
@@ -91,7 +93,7 @@ class _Recorder(fx.Interpreter):
             flops = counter.get_total_flops()
         for t in result if isinstance(result, (tuple, list)) else (result,):
             if isinstance(t, torch.Tensor) and n.op != "get_attr":
-                self._producer.setdefault(t.untyped_storage().data_ptr(), n)
+                self._producer.setdefault(_storage_key(t), n)
         lmeta(n)["value"] = ValueInfo.of(result)
         lmeta(n)["flops"] = int(flops)
         return result
@@ -101,13 +103,28 @@ def _identity(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _storage_key(t: torch.Tensor) -> int:
+    # fake tensors have no data pointer; their storage objects still have identities
+    return StorageWeakRef(t.untyped_storage()).cdata
+
+
 def annotate_tensors(gm: fx.GraphModule, inputs: list[object]) -> fx.GraphModule:
-    """Record ``ValueInfo`` for every node by running ``gm`` once (eval mode, grad enabled)."""
+    """Record ``ValueInfo`` for every node by running ``gm`` once (eval mode, grad enabled).
+
+    The run uses fake tensors (shapes and dtypes only, no arithmetic), so annotating a large model
+    costs milliseconds; graphs with data-dependent shapes fall back to one real run.
+    """
     modes = {m: m.training for m in gm.modules()}
     gm.eval()
     try:
         with torch.enable_grad():
-            _Recorder(gm).run(*inputs)
+            try:
+                fake = FakeTensorMode(allow_non_fake_inputs=True)
+                fake_inputs = [fake.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs]
+                with fake:
+                    _Recorder(gm).run(*fake_inputs)
+            except Exception:  # noqa: BLE001 - data-dependent shapes: measure for real
+                _Recorder(gm).run(*inputs)
     finally:
         for m, mode in modes.items():
             m.training = mode
