@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils import _pytree as pytree
 
 from localize.errors import ConfigError, TraceError
@@ -47,6 +48,7 @@ class Traced:
     out_spec: pytree.TreeSpec  # structure of the model's output; leaves are the output node's args
     signature: inspect.Signature
     notes: list[str] = field(default_factory=list)
+    fixed_batch: dict[str, int] = field(default_factory=dict)  # inputs whose batch dim export fixed
 
     def bind(self, args: tuple, kwargs: dict) -> list[Any]:
         """Map a call ``model(*args, **kwargs)`` onto the graph's placeholders."""
@@ -65,6 +67,15 @@ class Traced:
                 values.append(default)
             else:
                 values.append(bound.arguments[name])
+            fixed = self.fixed_batch.get(name)
+            value = values[-1]
+            if fixed is not None and isinstance(value, torch.Tensor) and value.dim() and value.shape[0] != fixed:
+                raise ConfigError(
+                    f"input {name!r} has batch size {value.shape[0]}, but the exported graph has its batch size "
+                    f"fixed at {fixed}: the model's code turns a size into a Python number (e.g. int(x.shape[0]) "
+                    f"or a shape-dependent branch). Train with batch size {fixed}, or keep sizes symbolic "
+                    f"(x.shape[0] without int(), reshape(-1, ...))"
+                )
         for name in bound.arguments:
             if name not in self.input_names and name not in self.constants:
                 raise ConfigError(
@@ -268,7 +279,7 @@ def _trace_export(model, sig, example_inputs, example_kwargs, fx_error) -> Trace
     if hasattr(gm, "_guards_fn"):
         delattr(gm, "_guards_fn")
 
-    input_names, constants = [], {}
+    input_names, constants, fixed_batch = [], {}, {}
     for name, node in per_name.items():
         value = bound[name]
         if isinstance(value, torch.Tensor):
@@ -276,6 +287,9 @@ def _trace_export(model, sig, example_inputs, example_kwargs, fx_error) -> Trace
                 raise TraceError(f"input {name!r} is nested; pass flat tensors as inputs")
             node.name = node.target = name
             input_names.append(name)
+            val = node.meta.get("val")
+            if val is not None and val.dim() and value.dim() and is_concrete_int(val.shape[0]):
+                fixed_batch[name] = int(val.shape[0])
         else:
             constants[name] = value
             for leaf in pytree.tree_leaves(node):
@@ -300,7 +314,7 @@ def _trace_export(model, sig, example_inputs, example_kwargs, fx_error) -> Trace
     gm.graph.eliminate_dead_code()
     # a plain GraphModule: the exported module class refuses train()/eval()
     gm = fx.GraphModule(gm, gm.graph, type(model).__name__)
-    return Traced(gm, "export", input_names, constants, out_spec, sig, notes)
+    return Traced(gm, "export", input_names, constants, out_spec, sig, notes, fixed_batch)
 
 
 def _clean_export_path(path: str) -> str:

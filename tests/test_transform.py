@@ -194,3 +194,54 @@ def test_program_has_a_detach_at_every_boundary():
     cuts = [n for n in lm.program.graph.nodes if n.op == "call_method" and n.target == "detach"]
     blocks_fed = sorted({n.meta["localize"]["block"] for n in cuts})
     assert blocks_fed == [1, 2, 3]
+
+
+class _ExportOnlyBN(torch.nn.Module):
+    """Branches on x.dim(), so only torch.export captures it; has batch-norm buffers."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        if x.dim() == 3:  # fx cannot branch on a traced value; export sees a constant
+            x = x.unsqueeze(0)
+        h = self.conv2(self.bn(self.conv(x)).relu()).relu()
+        return self.fc(h.mean((2, 3)))
+
+
+def test_to_and_buffers_follow_the_model_on_exported_graphs():
+    torch.manual_seed(0)
+    model = _ExportOnlyBN()
+    lm = localize.transform(model, blocks=2, example_inputs=(torch.randn(2, 3, 6, 6),), optimizer=_sgd(0.1))
+    assert lm.plan.traced.method == "export"
+    lm.double()
+    assert model.bn.running_mean.dtype == torch.float64
+    before = model.bn.running_mean.clone()
+    lm.train()
+    lm.train_step(torch.randn(5, 3, 6, 6, dtype=torch.float64), torch.randint(0, 4, (5,)))
+    assert not torch.equal(model.bn.running_mean, before)  # the block updated the model's own buffer
+    lm.eval()
+    model.eval()
+    x = torch.randn(3, 3, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(lm(x), model(x))
+
+
+class _IntBatch(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.b(self.a(x).relu().reshape(int(x.shape[0]), 8))
+
+
+def test_a_batch_size_fixed_by_the_model_code_is_explained():
+    lm = localize.transform(_IntBatch(), blocks=2, example_inputs=(torch.randn(3, 4),))
+    assert lm.plan.traced.method == "export"
+    assert lm.train_step(torch.randn(3, 4), torch.randint(0, 2, (3,)))  # the traced batch size works
+    with pytest.raises(localize.LocalizeError, match=r"batch size fixed at 3.*int\(x.shape\[0\]\)"):
+        lm.train_step(torch.randn(5, 4), torch.randint(0, 2, (5,)))
