@@ -7,6 +7,9 @@ TRITON_INTERPRET must be set before any ``@triton.jit`` function is decorated, i
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tests that are not about kernels train with the torch path (the interpreter costs ~25 ms a
+# step); the kernel tests select each backend explicitly with localize.kernels.use_backend.
+os.environ.setdefault("LOCALIZE_KERNEL_BACKEND", "torch")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -8,12 +8,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from localize.passes.balance_blocks import balance_blocks
-from localize.passes.cost import node_cost
-from localize.passes.find_cut_points import compute_nodes
 from torch import nn
 
 import localize
+from localize.passes.balance_blocks import balance_blocks
+from localize.passes.cost import node_cost
+from localize.passes.find_cut_points import compute_nodes
 from localize.schedule import parse_schedule, sequential_schedule
 
 
