@@ -245,3 +245,19 @@ def test_a_batch_size_fixed_by_the_model_code_is_explained():
     assert lm.train_step(torch.randn(3, 4), torch.randint(0, 2, (3,)))  # the traced batch size works
     with pytest.raises(localize.LocalizeError, match=r"batch size fixed at 3.*int\(x.shape\[0\]\)"):
         lm.train_step(torch.randn(5, 4), torch.randint(0, 2, (5,)))
+
+
+@pytest.mark.parametrize("name,torch_cls,kw", [("sgd", torch.optim.SGD, {"momentum": 0.9}), ("adamw", torch.optim.AdamW, {})])
+def test_named_optimizers_are_localize_optim_and_match_torch(name, torch_cls, kw):
+    from localize import optim
+
+    case = CASES["resnet1d"]
+    a_model, a = _transform(case, 2, optimizer=name, lr=0.01)
+    b_model, b = _transform(case, 2, optimizer=lambda p: torch_cls(p, lr=0.01, **kw))
+    x, y = case.inputs(6), case.target(6)
+    for _ in range(5):
+        a.train_step(x, y)
+        b.train_step(x, y)
+    assert all(isinstance(blk.optimizer, (optim.SGD, optim.AdamW)) for blk in a.blocks)
+    for (n, p), q in zip(a_model.named_parameters(), b_model.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=n)
