@@ -5,11 +5,22 @@ gradient-isolated blocks at legal, balanced cut points, generates an auxiliary h
 returns a :class:`LocalModel` whose ``train_step`` trains every block with its own local loss.
 """
 
+from localize.checkpoint import Checkpoint, load
 from localize.errors import LocalizeError
 from localize.model import Block, LocalModel
 from localize.tracer import Traced, trace
 from localize.transform import transform
 
-__all__ = ["Block", "LocalModel", "LocalizeError", "Traced", "trace", "transform", "__version__"]
+__all__ = [
+    "Block",
+    "Checkpoint",
+    "LocalModel",
+    "LocalizeError",
+    "Traced",
+    "load",
+    "trace",
+    "transform",
+    "__version__",
+]
 
 __version__ = "0.1.0"

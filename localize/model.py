@@ -169,6 +169,13 @@ class LocalModel(nn.Module):
             if block.optimizer is None and block.trainable:
                 block.optimizer = self._optimizer_factory(block.trainable)
 
+    def save(self, path: str, *, data: dict[str, Any] | None = None) -> None:
+        """Checkpoint model, heads, optimizer and RNG states, the step and ``data`` (e.g. the
+        epoch and batch reached) atomically to ``path``; restore with ``localize.load(path, into=lm)``."""
+        from localize.checkpoint import save
+
+        save(self, path, data=data)
+
     # ------------------------------------------------------------------ nn.Module behaviour
 
     def train(self, mode: bool = True) -> LocalModel:
