@@ -12,8 +12,8 @@ import bisect
 
 import torch
 import torch.fx as fx
-from localize.passes.find_cut_points import compute_nodes
 
+from localize.passes.find_cut_points import compute_nodes
 from localize.tracer import lmeta
 
 __all__ = ["assign_blocks"]

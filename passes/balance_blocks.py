@@ -10,11 +10,11 @@ from __future__ import annotations
 import math
 
 import torch.fx as fx
+
+from localize.errors import PlanError
 from localize.passes.annotate_tensors import value_info
 from localize.passes.cost import node_cost, params_of
 from localize.passes.find_cut_points import CutPoint, compute_nodes
-
-from localize.errors import PlanError
 
 __all__ = ["balance_blocks", "METRICS"]
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from localize.passes.annotate_tensors import value_info
 
+from localize.passes.annotate_tensors import value_info
 from localize.tracer import lmeta
 
 __all__ = ["Cost", "annotate_costs", "node_cost", "params_of"]

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
-from localize.passes.annotate_tensors import value_info
 from torch import nn
 
 from localize.aux import AuxSpec, build_aux
+from localize.passes.annotate_tensors import value_info
 from localize.plan import Plan
 from localize.tracer import lmeta
 

@@ -12,9 +12,9 @@ import operator
 
 import torch
 import torch.fx as fx
-from localize.passes.find_cut_points import needs_grad
 from torch.fx.passes.split_module import split_module
 
+from localize.passes.find_cut_points import needs_grad
 from localize.tracer import lmeta
 
 __all__ = ["insert_gradient_cuts", "source_of"]

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
-from localize.passes.find_cut_points import COMPUTE_OPS, needs_grad
-from localize.passes.insert_gradient_cuts import source_of
 
 from localize.errors import VerificationError
+from localize.passes.find_cut_points import COMPUTE_OPS, needs_grad
+from localize.passes.insert_gradient_cuts import source_of
 from localize.tracer import lmeta
 
 __all__ = ["verify_isolation"]
