@@ -1,0 +1,7 @@
+"""``python -m localize MODEL.py --blocks K ...``: the same as the ``localize`` command."""
+
+import sys
+
+from localize.cli import main
+
+sys.exit(main())

@@ -1,0 +1,629 @@
+"""What the CLI writes for a compiled model, and how it writes it.
+
+Every artifact is a function of a :class:`~localize.LocalModel` (and the model file's options):
+
+* ``plan.json`` (:func:`plan_document`): blocks, cuts, schedule, versions; schema in
+  ``localize/plan.schema.json``;
+* ``schedule.txt``: the schedule as compact actions (``B0:F B0:L B0:U ...``);
+* ``block_<i>.py``, ``program.py``, ``weights.pt``: generated code (:mod:`localize.codegen`),
+  checked by running it against the blocks;
+* ``graph.svg`` (``graph.dot`` without Graphviz's ``dot``): the graph, blocks coloured, cuts marked;
+* ``block_<i>.onnx`` (:func:`export_onnx`): each block with its aux head, checked with
+  ``onnx.checker`` and compared with torch in onnxruntime.
+
+:func:`atomic_directory` writes them into a temporary directory beside the destination and moves
+it into place in one rename, so a failed run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import importlib.util
+import io
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+import localize
+from localize.codegen import CodegenError, OptimizerSpec, block_source, generate, program_source
+from localize.errors import ConfigError, VerificationError
+from localize.model import LocalModel
+from localize.passes.annotate_tensors import value_info
+from localize.schedule import parse_schedule
+from localize.tracer import lmeta
+
+__all__ = [
+    "ONNX_TOLERANCE",
+    "OnnxResult",
+    "SCHEMA_PATH",
+    "atomic_directory",
+    "block_inputs",
+    "check_writable",
+    "export_onnx",
+    "plan_document",
+    "write_artifacts",
+    "write_graph",
+]
+
+SCHEMA_PATH = Path(__file__).with_name("plan.schema.json")
+PLAN_FORMAT = "localize.plan/1"
+ONNX_TOLERANCE = 1e-4  # max |onnxruntime - torch| accepted for a block's outputs
+
+
+# ------------------------------------------------------------------------------------- atomic output
+
+
+def check_writable(final: Path) -> None:
+    """Fail early, with what to do, when ``final`` cannot become a directory."""
+    if final.exists() and not final.is_dir():
+        raise ConfigError(f"--out {final} is a file, not a directory; choose another --out")
+    ancestor = final
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(
+            f"cannot create --out {final}: {ancestor} is a file, not a directory; choose another --out"
+        )
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write --out {final}: {ancestor} is not writable; choose a writable --out")
+
+
+@contextmanager
+def atomic_directory(final: Path) -> Iterator[Path]:
+    """Yield an empty temporary directory beside ``final``; on success it becomes ``final``.
+
+    On any error (or Ctrl-C) the temporary directory, and any parent this call created, are
+    removed and ``final`` is left as it was.
+    """
+    final = final.absolute()
+    check_writable(final)
+    created = []
+    for parent in reversed(final.parents):
+        if not parent.exists():
+            created.append(parent)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(final)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp", dir=final.parent))
+    except OSError as e:
+        _remove_empty(created)
+        raise ConfigError(f"cannot write --out {final}: {e.strerror or e}; choose a writable --out") from None
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary directory
+        old = None
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            final.rename(old)
+        tmp.rename(final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
+        raise
+
+
+def _remove_stale(final: Path) -> None:
+    """Remove temporary directories of ``final`` left by runs that were killed (their pid is gone)."""
+    for path in final.parent.glob(f".{glob.escape(final.name)}.*.tmp"):
+        pid = path.name[len(final.name) + 2 :].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)) and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_empty(dirs: list[Path]) -> None:
+    for d in reversed(dirs):
+        with contextlib.suppress(OSError):
+            d.rmdir()
+
+
+# ------------------------------------------------------------------------------------- all artifacts
+
+
+@dataclass
+class ModelInfo:
+    """Where the model came from: plan.json records ``file`` as given, program.py imports ``path``."""
+
+    name: str
+    file: str
+    factory: str
+    path: str
+
+
+def write_artifacts(
+    out: Path,
+    lm: LocalModel,
+    *,
+    model: ModelInfo,
+    example_inputs: tuple[torch.Tensor, ...],
+    options: dict[str, Any],
+    optimizer: OptimizerSpec,
+    batch_size: int,
+    seed: int,
+    onnx: bool = True,
+) -> dict[str, Any]:
+    """Write every artifact of ``lm`` into ``out``; return the plan.json document (also written)."""
+    out = Path(out)
+    flat = lm.plan.traced.bind(tuple(example_inputs), {})
+    inputs = block_inputs(lm, flat)
+    files: list[str] = []
+
+    (out / "schedule.txt").write_text(str(lm.schedule) + "\n")
+    if parse_schedule((out / "schedule.txt").read_text()) != lm.schedule:
+        raise VerificationError("schedule.txt does not parse back into the schedule")
+    files.append("schedule.txt")
+
+    gen = generate(lm)
+    code: list[dict[str, Any]] = []
+    for block in lm.blocks:
+        name = f"block_{block.index}.py"
+        try:
+            (out / name).write_text(block_source(lm, block.index, gen))
+            files.append(name)
+            error = gen.head_errors[block.index]
+            code.append({"file": name, "status": "ok" if error is None else "partial", "error": error})
+        except CodegenError as e:
+            code.append({"file": None, "status": "failed", "error": str(e)})
+    torch.save(gen.weights(lm), out / "weights.pt")
+    files.append("weights.pt")
+
+    program = _write_program(out, lm, gen, model, optimizer, batch_size, seed, example_inputs, inputs)
+    if program["status"] == "ok":
+        files.append("program.py")
+    graph_file = write_graph(lm, out)
+    files.append(graph_file)
+
+    exports: list[OnnxResult] = []
+    for block in lm.blocks:
+        if onnx:
+            exports.append(
+                export_onnx(lm, block.index, inputs[block.index], out / f"block_{block.index}.onnx")
+            )
+            if exports[-1].file:
+                files.append(exports[-1].file)
+        else:
+            exports.append(OnnxResult(None, "skipped", None, "--no-onnx", 0.0))
+
+    doc = plan_document(
+        lm,
+        model=model,
+        example_inputs=example_inputs,
+        options=options,
+        onnx=exports,
+        code=code,
+        program=program,
+        graph=graph_file,
+    )
+    files.insert(0, "plan.json")
+    doc["files"] = sorted(files)
+    (out / "plan.json").write_text(json.dumps(doc, indent=2) + "\n")
+    return doc
+
+
+def block_inputs(lm: LocalModel, flat: list[Any]) -> dict[int, tuple]:
+    """Each block's call arguments when the program runs on ``flat`` (eval mode, no grad)."""
+    captured: dict[int, tuple] = {}
+
+    class Capture(fx.Interpreter):
+        def call_module(self, target, args, kwargs):
+            if target.startswith("submod_"):
+                captured[int(target.rsplit("_", 1)[1])] = tuple(args)
+            return super().call_module(target, args, kwargs)
+
+    was_training = lm.training
+    lm.eval()
+    try:
+        with torch.no_grad():
+            Capture(lm.program).run(*flat)
+    finally:
+        lm.train(was_training)
+    return captured
+
+
+# ------------------------------------------------------------------------------------- program.py
+
+
+def _write_program(
+    out, lm, gen, model, optimizer, batch_size, seed, example_inputs, inputs
+) -> dict[str, Any]:
+    try:
+        source = program_source(
+            lm,
+            model_file=model.path,
+            optimizer=optimizer,
+            batch_size=batch_size,
+            seed=seed,
+            example_inputs=example_inputs,
+            gen=gen,
+        )
+    except CodegenError as e:
+        return {"file": None, "status": "failed", "error": str(e), "max_abs_diff": None}
+    (out / "program.py").write_text(source)
+    try:
+        max_diff = _check_program(out, lm, inputs)
+    except Exception as e:  # noqa: BLE001 - a wrong program is reported, the other artifacts still count
+        (out / "program.py").unlink()
+        return {"file": None, "status": "failed", "error": f"{type(e).__name__}: {e}", "max_abs_diff": None}
+    return {"file": "program.py", "status": "ok", "error": None, "max_abs_diff": max_diff}
+
+
+def _check_program(out: Path, lm: LocalModel, inputs: dict[int, tuple]) -> float:
+    """Import the generated program and run its blocks and heads against the real ones."""
+    spec = importlib.util.spec_from_file_location(f"localize_program_{os.getpid()}", out / "program.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    blocks, heads = module.build()
+    worst = 0.0
+    was_training = lm.training
+    lm.eval()
+    try:
+        with torch.no_grad():
+            for block in lm.blocks:
+                args = inputs[block.index]
+                want = block.module(*args)
+                got = blocks[block.index].eval()(*args)
+                pairs = list(zip(want, got))
+                if block.aux is not None:
+                    slot = block.plan.outputs.index(block.plan.primary)
+                    pairs.append((block.aux(want[slot]), heads[block.index].eval()(want[slot])))
+                for w, g in pairs:
+                    if isinstance(w, torch.Tensor):
+                        worst = max(worst, float((w.double() - g.double()).abs().max()) if w.numel() else 0.0)
+    finally:
+        lm.train(was_training)
+    if worst > 0:
+        raise VerificationError(f"generated blocks differ from the graph by {worst:.3g}")
+    return worst
+
+
+# ------------------------------------------------------------------------------------- graph picture
+
+_PALETTE = ["#cfe2ff", "#d1e7dd", "#fff3cd", "#f8d7da", "#e2d9f3", "#d2f4ea", "#ffe5d0", "#e9ecef"]
+
+
+def write_graph(lm: LocalModel, out: Path) -> str:
+    """``graph.svg`` (Graphviz) or ``graph.dot``: nodes coloured by block, cut edges in red."""
+    import pydot
+
+    gm = lm.plan.gm
+    dot = pydot.Dot("localize", graph_type="digraph", rankdir="TB", fontname="Helvetica", fontsize="10")
+    dot.set_node_defaults(shape="box", style="rounded,filled", fontname="Helvetica", fontsize="9")
+    clusters = {}
+    for bp in lm.plan.blocks:
+        c = bp.cost
+        label = f"block {bp.index}: {_si(c.params)} params, {_si(c.flops)} FLOPs"
+        cluster = pydot.Cluster(
+            f"block{bp.index}",
+            label=_q(label),
+            style="filled",
+            fillcolor=_q(_light(bp.index)),
+            color="#888888",
+        )
+        clusters[bp.index] = cluster
+        dot.add_subgraph(cluster)
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            continue
+        block = lmeta(node).get("block")
+        info = value_info(node)
+        shape = f"\\n{tuple(info.shape)}" if info is not None and info.is_tensor else ""
+        attrs = {"label": _q(f"{node.name}\\n{_op(gm, node)}{shape}")}
+        if node.op in ("placeholder", "output"):
+            attrs.update(shape="ellipse", fillcolor="white")
+            dot.add_node(pydot.Node(_q(node.name), **attrs))
+        else:
+            attrs["fillcolor"] = _q(_PALETTE[block % len(_PALETTE)] if block is not None else "white")
+            clusters.get(block, dot).add_node(pydot.Node(_q(node.name), **attrs))
+    cut_names = {name for bp in lm.plan.blocks for name in bp.cut_inputs}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            continue
+        for arg in node.all_input_nodes:
+            if arg.op == "get_attr":
+                continue
+            src_block, dst_block = lmeta(arg).get("block"), lmeta(node).get("block")
+            if (
+                arg.name in cut_names
+                and src_block is not None
+                and dst_block is not None
+                and src_block != dst_block
+            ):
+                edge = pydot.Edge(
+                    _q(arg.name),
+                    _q(node.name),
+                    color="red",
+                    penwidth="2",
+                    style="dashed",
+                    label=_q("cut"),
+                    fontcolor="red",
+                )
+            else:
+                edge = pydot.Edge(_q(arg.name), _q(node.name))
+            dot.add_edge(edge)
+    if shutil.which("dot"):
+        try:
+            dot.write_svg(str(out / "graph.svg"))
+            return "graph.svg"
+        except Exception:  # noqa: BLE001 - a broken Graphviz install: fall back to the source
+            pass
+    dot.write_raw(str(out / "graph.dot"))
+    return "graph.dot"
+
+
+def _q(text: str) -> str:
+    return '"' + text.replace('"', '\\"') + '"'
+
+
+def _light(index: int) -> str:
+    return "#f8f9fa" if index % 2 == 0 else "#f1f3f5"
+
+
+def _op(gm: fx.GraphModule, node: fx.Node) -> str:
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)).__name__
+    if node.op == "call_method":
+        return f".{node.target}()"
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target))
+    return node.op
+
+
+def _si(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:g}"
+
+
+# ------------------------------------------------------------------------------------- ONNX
+
+
+@dataclass
+class OnnxResult:
+    """How a block's ONNX export went: ``ok``, ``mismatch`` (beyond tolerance), ``failed`` or ``skipped``."""
+
+    file: str | None
+    status: str
+    max_abs_diff: float | None
+    error: str | None
+    seconds: float
+
+
+class BlockWithHead(nn.Module):
+    """A block and its aux head as one module: returns the block's outputs, then the head's."""
+
+    def __init__(self, block: nn.Module, head: nn.Module | None, slot: int | None) -> None:
+        super().__init__()
+        self.block, self.head, self.slot = block, head, slot
+
+    def forward(self, *args: Any) -> tuple:
+        outs = tuple(self.block(*args))
+        if self.head is None:
+            return outs
+        return (*outs, self.head(outs[self.slot]))
+
+
+def export_onnx(lm: LocalModel, index: int, args: tuple, path: Path) -> OnnxResult:
+    """Export block ``index`` with its head (eval mode, dynamic batch where possible) and check it."""
+    start = time.perf_counter()
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as e:
+        return OnnxResult(
+            None, "skipped", None, f"{e.name} is not installed: pip install 'localize-learning[export]'", 0.0
+        )
+    block = lm.blocks[index]
+    slot = block.plan.outputs.index(block.plan.primary) if block.aux is not None else None
+    wrapper = BlockWithHead(block.module, block.aux, slot)
+    was_training = lm.training
+    lm.eval()
+    wrapper.eval()
+    try:
+        with torch.no_grad():  # sizes (SymInt outputs of exported graphs) come back as 0-d tensors
+            want = [o if isinstance(o, torch.Tensor) else torch.tensor(o) for o in wrapper(*args)]
+        dynamic = tuple({0: torch.export.Dim.AUTO} if _batched(a) else None for a in args)
+        with _quiet():
+            # forward(*args): one dynamic_shapes entry, for `args`
+            program = torch.onnx.export(wrapper, args, dynamo=True, verbose=False, dynamic_shapes=(dynamic,))
+            program.save(str(path))
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model, full_check=True)
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        names = [i.name for i in session.get_inputs()]
+        if len(names) != len(tensors):
+            raise ValueError(f"the ONNX graph takes {len(names)} inputs, the block {len(tensors)} tensors")
+        got = session.run(None, {n: t.detach().cpu().numpy() for n, t in zip(names, tensors)})
+        if len(got) != len(want):
+            raise ValueError(f"the ONNX graph returns {len(got)} outputs, the block {len(want)}")
+        diff = 0.0
+        for g, w in zip(got, want):
+            if tuple(g.shape) != tuple(w.shape):
+                raise ValueError(f"output shape {tuple(g.shape)} differs from torch's {tuple(w.shape)}")
+            if w.numel():
+                diff = max(diff, float((torch.from_numpy(g).double() - w.double()).abs().max()))
+    except Exception as e:  # noqa: BLE001 - a block that does not export is reported, not fatal
+        with contextlib.suppress(OSError):
+            path.unlink()
+        message = " ".join(str(e).split())[:300]
+        return OnnxResult(None, "failed", None, f"{type(e).__name__}: {message}", time.perf_counter() - start)
+    finally:
+        lm.train(was_training)
+    status = "ok" if diff <= ONNX_TOLERANCE and math.isfinite(diff) else "mismatch"
+    error = None if status == "ok" else f"max |onnxruntime - torch| = {diff:.3g} > {ONNX_TOLERANCE:g}"
+    return OnnxResult(path.name, status, diff, error, time.perf_counter() - start)
+
+
+def _batched(a: Any) -> bool:
+    return isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] > 1
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """The exporter logs and warns at length (e.g. about torchvision); keep the CLI's output clean."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(io.StringIO()),
+        ):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+# ------------------------------------------------------------------------------------- plan.json
+
+
+def plan_document(
+    lm: LocalModel,
+    *,
+    model: ModelInfo,
+    example_inputs: tuple[torch.Tensor, ...],
+    options: dict[str, Any],
+    onnx: list[OnnxResult] | None = None,
+    code: list[dict[str, Any]] | None = None,
+    program: dict[str, Any] | None = None,
+    graph: str | None = None,
+) -> dict[str, Any]:
+    """The plan as JSON-ready data; ``localize/plan.schema.json`` describes it."""
+    plan = lm.plan
+    by_name = {n.name: n for n in plan.gm.graph.nodes}
+    later_inputs = [set(bp.inputs) for bp in plan.blocks]
+    blocks = []
+    for i, bp in enumerate(plan.blocks):
+        used_later = set().union(*later_inputs[i + 1 :]) if i + 1 < len(plan.blocks) else set()
+        cut_later = {name for later in plan.blocks[i + 1 :] for name in later.cut_inputs}
+        crossing = [
+            _tensor(by_name.get(name), name) | {"gradient_cut": name in cut_later}
+            for name in bp.outputs
+            if name in used_later
+        ]
+        block = lm.blocks[i]
+        aux = None
+        if block.aux is not None:
+            aux = {
+                "strategy": plan.aux,
+                "params": sum(p.numel() for p in block.aux.parameters()),
+                "reads": bp.primary,
+                "feature_shape": list(bp.feature_shape or ()),
+                "feature_layout": bp.feature_layout,
+            }
+        entry: dict[str, Any] = {
+            "index": bp.index,
+            "nodes": list(bp.nodes),
+            "inputs": list(bp.inputs),
+            "outputs": list(bp.outputs),
+            "params": bp.cost.params,
+            "flops": bp.cost.flops,
+            "activation_bytes": bp.cost.activation_bytes,
+            "trained_params": sum(p.numel() for p in block.params if p.requires_grad),
+            "crossing": crossing,
+            "aux": aux,
+        }
+        if code is not None:
+            entry["code"] = code[i]
+        if onnx is not None:
+            entry["onnx"] = asdict(onnx[i]) | {"seconds": round(onnx[i].seconds, 3)}
+        blocks.append(entry)
+
+    legal = {c.position: c for c in plan.legal_cuts}
+    cuts = []
+    for k, position in enumerate(plan.cut_positions):
+        point = legal.get(position)
+        names = list(point.crossing) if point is not None else []
+        cuts.append(
+            {
+                "position": position,
+                "after": point.after if point is not None else plan.blocks[k].nodes[-1],
+                "between": [k, k + 1],
+                "activations": list(point.activations) if point is not None else [],
+                "crossing": [_tensor(by_name.get(n), n) for n in names],
+            }
+        )
+    out_leaf = next(n for n in reversed(plan.gm.graph.nodes) if n.op == "output").args[0][plan.output_index]
+    doc: dict[str, Any] = {
+        "format": PLAN_FORMAT,
+        "model": {
+            "name": model.name,
+            "file": model.file,
+            "factory": model.factory,
+            "trace": plan.traced.method,
+            "inputs": [
+                {"name": n, "shape": list(x.shape), "dtype": _dtype(x.dtype)}
+                for n, x in zip(plan.traced.input_names, example_inputs)
+            ],
+            "output": _tensor(
+                out_leaf if isinstance(out_leaf, fx.Node) else None, getattr(out_leaf, "name", "output")
+            )
+            | {"index": plan.output_index, "layout": plan.output_layout},
+            "params": sum(p.numel() for p in lm.model.parameters()),
+        },
+        "versions": {
+            "localize": localize.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "options": options,
+        "num_blocks": plan.num_blocks,
+        "blocks": blocks,
+        "cuts": cuts,
+        "schedule": str(lm.schedule),
+        "timings": {k: round(v, 6) for k, v in plan.timings.items()},
+    }
+    if program is not None:
+        doc["program"] = program
+    if graph is not None:
+        doc["graph"] = graph
+    return doc
+
+
+def _tensor(node: fx.Node | None, name: str) -> dict[str, Any]:
+    info = value_info(node) if node is not None else None
+    if info is None or not info.is_tensor:
+        return {"name": name, "shape": None, "dtype": None}
+    return {"name": name, "shape": list(info.shape), "dtype": _dtype(info.dtype)}
+
+
+def _dtype(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).replace("torch.", "")
+
+
+def load_schema() -> dict[str, Any]:
+    return json.loads(SCHEMA_PATH.read_text())

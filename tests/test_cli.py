@@ -1,0 +1,322 @@
+"""The ``localize MODEL.py`` command: examples end to end, training output, and every bad input.
+
+The CLI runs in-process through ``localize.cli.main(argv) -> int``; a few tests start a real
+subprocess to check what only a process shows (``python -m localize``, the exit code, stderr).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from localize.cli import build_parser, main
+from localize.schedule import parse_schedule
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
+
+TINY = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+
+    def model():
+        return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+    def example_inputs():
+        return (torch.randn(4, 6),)
+
+
+    def dataset():
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(64, 6, generator=g)
+        y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+        return (x[:48], y[:48]), (x[48:], y[48:])
+    """
+)
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.py"
+    path.write_text(TINY)
+    return path
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ------------------------------------------------------------------------------------- examples
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+def test_every_example_compiles(example: Path, tmp_path: Path, capsys):
+    out = tmp_path / "out"
+    code, stdout, err = run_cli([example, "--blocks", "4", "--out", out, "--no-onnx"], capsys)
+    assert code == 0, err
+    doc = json.loads((out / "plan.json").read_text())
+    assert doc["num_blocks"] == 4 and len(doc["blocks"]) == 4
+    # every node of the graph lands in exactly one block
+    nodes = [n for b in doc["blocks"] for n in b["nodes"]]
+    assert len(nodes) == len(set(nodes))
+    assert doc["program"]["status"] == "ok", doc["program"]
+    expected = {"plan.json", "schedule.txt", "weights.pt", "program.py", doc["graph"]}
+    expected |= {f"block_{i}.py" for i in range(4)}
+    assert expected <= {p.name for p in out.iterdir()}
+    assert str(parse_schedule((out / "schedule.txt").read_text())) == doc["schedule"]
+    # the summary table names every block and its aux head
+    assert "crosses its cut" in stdout and "dgl" in stdout and f"wrote {out}" in stdout.replace("\n", "")
+
+
+def test_default_out_dir_is_localize_out_stem(tiny: Path, tmp_path: Path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli([tiny, "--blocks", "2", "--no-onnx"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "localize_out" / "tiny" / "plan.json").is_file()
+    # a second run replaces the directory as a whole and leaves no temporary directories behind
+    code, _, err = run_cli([tiny, "--blocks", "3", "--no-onnx"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "localize_out" / "tiny" / "plan.json").read_text())["num_blocks"] == 3
+    assert [p.name for p in (tmp_path / "localize_out").iterdir()] == ["tiny"]
+
+
+def test_factory_cuts_balance_and_options_reach_the_plan(tmp_path: Path, capsys):
+    path = tmp_path / "two.py"
+    path.write_text(
+        TINY + "\n\ndef wide():\n    return nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 3))\n"
+    )
+    out = tmp_path / "o"
+    code, _, err = run_cli(
+        [
+            f"{path}:wide",
+            "--blocks",
+            "2",
+            "--out",
+            out,
+            "--no-onnx",
+            "--optimizer",
+            "sgd",
+            "--lr",
+            "0.1",
+            "--aux",
+            "linear",
+            "--balance",
+            "params",
+            "--seed",
+            "3",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    doc = json.loads((out / "plan.json").read_text())
+    assert doc["model"]["factory"] == "wide" and doc["model"]["params"] == 6 * 32 + 32 + 32 * 3 + 3
+    assert doc["options"]["optimizer"]["name"] == "sgd" and doc["options"]["optimizer"]["lr"] == 0.1
+    assert doc["options"]["balance"] == "params" and doc["options"]["seed"] == 3
+    assert doc["blocks"][0]["aux"]["strategy"] == "linear"
+
+    out = tmp_path / "cuts"
+    code, _, err = run_cli([path, "--cuts", "2,4", "--out", out, "--no-onnx"], capsys)
+    assert code == 0, err
+    doc = json.loads((out / "plan.json").read_text())
+    assert doc["num_blocks"] == 3
+    assert [b["nodes"][0] for b in doc["blocks"]] == ["_0", "_2", "_4"]
+
+
+def test_train_compare_bp_writes_metrics_and_curves(tiny: Path, tmp_path: Path, capsys):
+    out = tmp_path / "o"
+    code, stdout, err = run_cli(
+        [
+            tiny,
+            "--blocks",
+            "2",
+            "--out",
+            out,
+            "--no-onnx",
+            "--train",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "16",
+            "--compare-bp",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    local, bp = metrics["local"], metrics["backprop"]
+    assert [e["epoch"] for e in local["epochs"]] == [1, 2] and [e["epoch"] for e in bp["epochs"]] == [1, 2]
+    assert len(local["step_losses"]) == 2 * 3 and all(len(s) == 2 for s in local["step_losses"])
+    assert len(bp["step_losses"]) == 6 and all(len(s) == 1 for s in bp["step_losses"])
+    assert 0.0 <= local["epochs"][-1]["test_accuracy"] <= 1.0
+    assert local["peak_saved_bytes"] > 0 and bp["peak_saved_bytes"] > 0
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "local learning vs backprop" in stdout and "peak saved activations" in stdout
+    assert "local (2 blocks) epoch 2/2" in stdout and "backprop epoch 2/2" in stdout
+    # the final state is a resumable checkpoint holding the trained weights
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ckpt["data"]["epoch"] == 2 and ckpt["step"] == 6
+
+
+def test_train_without_dataset_uses_random_data(tmp_path: Path, capsys):
+    path = tmp_path / "nodata.py"
+    path.write_text(TINY.split("def dataset")[0])
+    out = tmp_path / "o"
+    code, stdout, err = run_cli(
+        [path, "--blocks", "2", "--out", out, "--no-onnx", "--train", "--epochs", "1", "--batch-size", "128"],
+        capsys,
+    )
+    assert code == 0, err
+    assert "no dataset()" in stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["local"]["step_losses"]) == 512 // 128
+
+
+def test_parser_is_one_function_with_every_flag():
+    flags = {a for action in build_parser()._actions for a in action.option_strings}
+    assert {
+        "--blocks",
+        "--aux",
+        "--balance",
+        "--cuts",
+        "--out",
+        "--train",
+        "--epochs",
+        "--batch-size",
+        "--lr",
+        "--optimizer",
+        "--device",
+        "--seed",
+        "--compare-bp",
+        "--checkpoint-every",
+        "--resume",
+    } <= flags
+
+
+def test_python_dash_m_localize_runs_the_cli(tmp_path: Path):
+    result = subprocess.run(
+        [sys.executable, "-m", "localize", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0
+    assert "--blocks" in result.stdout and "MODEL.py" in result.stdout
+
+
+# ------------------------------------------------------------------------------------- bad input
+
+BAD_FILES = {
+    "syntax.py": "def model(:\n",
+    "raises.py": "import torch\nraise RuntimeError('boom at import')\n",
+    "nomodel.py": "import torch\ndef example_inputs():\n    return (torch.randn(2, 6),)\n",
+    "notmodule.py": "import torch\ndef model():\n    return 3\ndef example_inputs():\n    return (torch.randn(2, 6),)\n",
+}
+
+# (argv after the model file, or a whole argv; what the one line must say)
+BAD_CASES = {
+    "missing file": (["missing.py"], "missing.py: no such file"),
+    "syntax error": (["syntax.py"], "syntax error"),
+    "raises on import": (["raises.py"], "RuntimeError: boom at import"),
+    "no model()": (["nomodel.py"], "defines no model()"),
+    "no factory": (["tiny.py:build"], "defines no build()"),
+    "model() not a module": (["notmodule.py"], "not a torch.nn.Module"),
+    "blocks 0": (["tiny.py", "--blocks", "0"], "--blocks: 0 is out of range"),
+    "blocks not a number": (["tiny.py", "--blocks", "four"], "'four' is not a number"),
+    "too many blocks": (["tiny.py", "--blocks", "40"], "ask for fewer blocks"),
+    "unknown aux": (["tiny.py", "--blocks", "2", "--aux", "nope"], "unknown aux strategy 'nope'"),
+    "cuts name no module": (["tiny.py", "--cuts", "layer9"], "'layer9', which is not a module"),
+    "empty cuts": (["tiny.py", "--cuts", ","], "--cuts is empty"),
+    "unknown optimizer": (["tiny.py", "--optimizer", "lion"], "invalid choice: 'lion'"),
+    "negative lr": (["tiny.py", "--lr", "-1"], "--lr: -1 is out of range"),
+    "out is a file": (["tiny.py", "--blocks", "2", "--out", "afile.txt"], "is a file, not a directory"),
+    "out under a file": (
+        ["tiny.py", "--blocks", "2", "--out", "afile.txt/sub"],
+        "is a file, not a directory",
+    ),
+    "cuda without CUDA": (["tiny.py", "--blocks", "2", "--device", "cuda"], "CUDA is not available"),
+    "resume without train": (["tiny.py", "--blocks", "2", "--resume", "afile.txt"], "add --train"),
+    "resume missing file": (
+        ["tiny.py", "--blocks", "2", "--train", "--resume", "nope.pt"],
+        "--resume nope.pt: no such file",
+    ),
+    "resume not a checkpoint": (
+        ["tiny.py", "--blocks", "2", "--train", "--resume", "afile.txt"],
+        "not a readable localize checkpoint",
+    ),
+    "checkpoint-every 0": (
+        ["tiny.py", "--train", "--checkpoint-every", "0"],
+        "--checkpoint-every: 0 is out of range",
+    ),
+    "compare-bp without train": (["tiny.py", "--blocks", "2", "--compare-bp"], "add --train"),
+    "no model argument": ([], "the following arguments are required"),
+}
+
+
+@pytest.fixture
+def bad_dir(tmp_path: Path, monkeypatch) -> Path:
+    for name, source in BAD_FILES.items():
+        (tmp_path / name).write_text(source)
+    (tmp_path / "tiny.py").write_text(TINY)
+    (tmp_path / "afile.txt").write_text("not a directory, not a checkpoint\n")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("case", list(BAD_CASES), ids=lambda c: c.replace(" ", "-"))
+def test_bad_input_prints_one_line_and_exits_2(case: str, bad_dir: Path, capsys):
+    argv, message = BAD_CASES[case]
+    if "--out" not in argv and argv:
+        argv = [*argv, "--out", "out"]
+    if "--device" in argv and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    before = sorted(p.name for p in bad_dir.iterdir())
+    code, stdout, err = run_cli(argv, capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("localize: error: ") and message in lines[0], lines[0]
+    assert "Traceback" not in err + stdout
+    # no partial output: the directory holds what it held before (no out/, no temporary dirs)
+    assert sorted(p.name for p in bad_dir.iterdir()) == before
+
+
+@pytest.mark.parametrize("argv", [["missing.py"], ["syntax.py", "--blocks", "2"]], ids=["missing", "syntax"])
+def test_bad_input_in_a_real_process(argv: list[str], bad_dir: Path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    result = subprocess.run(
+        [sys.executable, "-m", "localize", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=bad_dir,
+        env=env,
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not (bad_dir / "localize_out").exists()
+
+
+def test_ctrl_c_leaves_no_output_and_exits_130(tiny: Path, tmp_path: Path, capsys, monkeypatch):
+    import localize.artifacts
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(localize.artifacts, "write_graph", interrupted)  # in the middle of writing
+    code, _, err = run_cli([tiny, "--blocks", "2", "--out", tmp_path / "o", "--no-onnx"], capsys)
+    assert code == 130 and "interrupted" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.py"]
