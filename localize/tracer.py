@@ -26,7 +26,7 @@ from torch.utils import _pytree as pytree
 
 from localize.errors import ConfigError, TraceError
 
-__all__ = ["Traced", "trace", "lmeta"]
+__all__ = ["ModeDependentError", "Traced", "trace", "lmeta"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _LOCALIZE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -112,10 +112,13 @@ def trace(
         else:
             example_inputs = (example_inputs,)
     _check_kwargs(model, sig, example_kwargs)
+    _check_flat(model, sig, example_inputs, example_kwargs)
 
     fx_error: BaseException | None = None
     try:
         traced = _trace_fx(model, sig, example_inputs, example_kwargs)
+    except ModeDependentError:
+        raise  # export would freeze eval mode silently
     except Exception as e:  # noqa: BLE001 - any failure sends us to export
         fx_error = e
     else:
@@ -134,6 +137,31 @@ def trace(
         raise _both_failed(model, fx_error, export_error) from None
 
 
+def _check_flat(model: torch.nn.Module, sig: inspect.Signature, args: tuple | None, kwargs: dict[str, Any]) -> None:
+    """A list or dict of tensors as one argument would be baked into the graph as constants."""
+    try:
+        bound = sig.bind_partial(*(args or ()), **kwargs).arguments
+    except TypeError:
+        return  # reported with the full signature when the inputs are bound
+    values: list[tuple[str, Any]] = []
+    for name, value in bound.items():
+        kind = sig.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:  # *args, **kwargs: each item is its own argument
+            values += [(f"{name}[{i}]", v) for i, v in enumerate(value)]
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            values += list(value.items())
+        else:
+            values.append((name, value))
+    for name, value in values:
+        if isinstance(value, torch.Tensor) or not any(isinstance(v, torch.Tensor) for v in pytree.tree_leaves(value)):
+            continue
+        raise TraceError(
+            f"{type(model).__name__}.forward takes {name!r} as a {type(value).__name__} of tensors; localize "
+            f"needs every tensor input as its own argument. What to do: wrap the model, e.g. "
+            f"`forward(self, a, b): return model([a, b])`, and transform the wrapper"
+        )
+
+
 def _check_kwargs(model: torch.nn.Module, sig: inspect.Signature, kwargs: dict[str, Any]) -> None:
     takes_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
     for name in kwargs:
@@ -149,11 +177,46 @@ def _check_kwargs(model: torch.nn.Module, sig: inspect.Signature, kwargs: dict[s
 
 
 class _PathTracer(fx.Tracer):
-    """symbolic_trace's tracer, recording source lines for error messages."""
+    """symbolic_trace's tracer, recording source lines for error messages.
 
-    def __init__(self) -> None:
+    Besides torch.nn's own layers it keeps as leaves (``call_module`` nodes that run the real
+    module) the modules in ``leaves`` and every parameter-free module whose ``forward`` reads
+    ``self.training`` (stochastic depth, custom dropout): tracing through them would freeze
+    whichever branch the mode at trace time takes.
+    """
+
+    def __init__(self, leaves: frozenset[str] = frozenset()) -> None:
         super().__init__()
         self.record_stack_traces = True
+        self.leaves = leaves
+
+    def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.leaves:
+            return True
+        if module_qualified_name and _is_mode_switch(m):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+_READS_TRAINING: dict[type, bool] = {}
+
+
+def _reads_training(module: torch.nn.Module) -> bool:
+    """Whether the module's own ``forward`` source reads ``.training`` (cached per class)."""
+    cls = type(module)
+    if cls not in _READS_TRAINING:
+        try:
+            source = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            source = ""
+        _READS_TRAINING[cls] = ".training" in source
+    return _READS_TRAINING[cls]
+
+
+def _is_mode_switch(module: torch.nn.Module) -> bool:
+    if type(module).__module__.startswith("torch."):
+        return False
+    return _reads_training(module) and next(module.parameters(), None) is None
 
 
 def _trace_fx(model, sig, example_inputs, example_kwargs) -> Traced:
@@ -185,10 +248,7 @@ def _trace_fx(model, sig, example_inputs, example_kwargs) -> Traced:
         else:
             raise ConfigError(f"forward argument {p.name!r} has no default: pass it in example_inputs")
 
-    tracer = _PathTracer()
-    graph = tracer.trace(model, concrete_args=dict(constants))
-    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-    _drop_constant_placeholders(gm, placeholders)
+    gm = _capture_both_modes(model, constants, placeholders)
     for node in gm.graph.nodes:
         if node.op == "call_module":
             lmeta(node)["module"] = node.target
@@ -198,6 +258,124 @@ def _trace_fx(model, sig, example_inputs, example_kwargs) -> Traced:
     out_spec = _flatten_output(gm)
     gm.recompile()
     return Traced(gm, "fx", placeholders, constants, out_spec, sig)
+
+
+def _capture(model, constants, placeholders, leaves: frozenset[str]) -> fx.GraphModule:
+    tracer = _PathTracer(leaves)
+    graph = tracer.trace(model, concrete_args=dict(constants))
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    _drop_constant_placeholders(gm, placeholders)
+    return gm
+
+
+class ModeDependentError(TraceError):
+    """forward takes another path in train() than in eval() at a place no leaf module can hold."""
+
+
+def _capture_both_modes(model, constants, placeholders) -> fx.GraphModule:
+    """Trace in train() and in eval() mode, so that no Python branch on ``self.training`` is frozen.
+
+    Where the two graphs differ only in a bool argument (``F.dropout(x, p, self.training)``) the
+    argument is recorded in ``meta["localize"]["mode_args"]`` and later bound to the block's
+    training flag (``bind_training_mode``). Where they differ in structure (``if self.training:``)
+    the module that branches becomes a leaf, so the real module runs and follows ``train()``; a
+    branch in the top-level ``forward`` cannot be kept and raises :class:`ModeDependentError`.
+    """
+    modes = {m: m.training for m in model.modules()}
+    leaves: frozenset[str] = frozenset()
+    try:
+        while True:
+            graphs = {}
+            for mode in (True, False):
+                model.train(mode)
+                graphs[mode] = _capture(model, constants, placeholders, leaves)
+            flags, differ = _mode_difference(graphs[True], graphs[False])
+            if differ is None:
+                break
+            path = _branching_module(model, differ, leaves)
+            if path is None:
+                model.train(True)
+                _, noise = _mode_difference(graphs[True], _capture(model, constants, placeholders, leaves))
+                if noise is not None:  # the trace itself is not repeatable: not a matter of mode
+                    flags = []
+                    break
+                raise _mode_error(model)
+            leaves = leaves | {path}
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    gm = graphs[model.training]
+    by_name = {n.name: n for n in gm.graph.nodes}
+    for name, key, in_train in flags:
+        lmeta(by_name[name]).setdefault("mode_args", []).append((key, not in_train))
+    return gm
+
+
+def _mode_difference(train: fx.GraphModule, evaluate: fx.GraphModule):
+    """(bool arguments that follow the mode, first pair of nodes that differ otherwise or None)."""
+    flags: list[tuple[str, tuple[str, int | str], bool]] = []
+    a, b = list(train.graph.nodes), list(evaluate.graph.nodes)
+    for x, y in zip(a, b):
+        if (x.op, x.target, x.name, len(x.args), list(x.kwargs)) != (y.op, y.target, y.name, len(y.args), list(y.kwargs)):
+            return flags, (x, y)
+        pairs = [(("args", i), u, v) for i, (u, v) in enumerate(zip(x.args, y.args))]
+        pairs += [(("kwargs", k), x.kwargs[k], y.kwargs[k]) for k in x.kwargs]
+        for key, u, v in pairs:
+            if _same_arg(u, v):
+                continue
+            if type(u) is bool and type(v) is bool:
+                flags.append((x.name, key, u))
+                continue
+            return flags, (x, y)
+    if len(a) != len(b):
+        n = min(len(a), len(b))
+        return flags, (a[min(n, len(a) - 1)], b[min(n, len(b) - 1)])
+    return flags, None
+
+
+def _same_arg(u: Any, v: Any) -> bool:
+    u, v = fx.node.map_arg(u, lambda n: n.name), fx.node.map_arg(v, lambda n: n.name)
+    try:
+        same = u == v
+    except Exception:  # noqa: BLE001 - values without a usable ==
+        return u is v
+    return same if isinstance(same, bool) else u is v
+
+
+def _branching_module(model: torch.nn.Module, differ: tuple[fx.Node, fx.Node], leaves: frozenset[str]) -> str | None:
+    """The innermost module around the first difference that can become a leaf (prefer one whose
+    forward reads ``.training``); None when the difference is in the top-level forward."""
+    paths: list[str] = []
+    for node in differ:
+        stack = node.meta.get("nn_module_stack") or {}
+        paths += [path for path, _ in reversed(list(stack.values())) if path and path not in leaves]
+    modules = dict(model.named_modules())
+    paths = [p for p in paths if p in modules]
+    reading = [p for p in paths if _reads_training(modules[p])]
+    return (reading or paths or [None])[0]
+
+
+def _mode_error(model: torch.nn.Module) -> ModeDependentError:
+    return ModeDependentError(
+        f"{type(model).__name__}.forward computes a different graph in train() than in eval()"
+        f"{_training_line(model)}: a Python branch on self.training at the top level cannot follow "
+        f"LocalModel.train()/eval(). What to do: move the mode-dependent part into a submodule (e.g. a "
+        f"DropPath module, which localize keeps whole), use nn.Dropout / F.dropout(x, p, self.training), "
+        f"or return the same structure in both modes"
+    )
+
+
+def _training_line(module: torch.nn.Module) -> str:
+    """' at file.py:12: `if self.training:`' for the first line of forward that reads the mode."""
+    try:
+        lines, start = inspect.getsourcelines(type(module).forward)
+        path = inspect.getsourcefile(type(module).forward)
+    except (OSError, TypeError):
+        return ""
+    for i, line in enumerate(lines):
+        if ".training" in line:
+            return f" at {path}:{start + i}: `{line.strip()}`"
+    return ""
 
 
 def _drop_constant_placeholders(gm: fx.GraphModule, keep: list[str]) -> None:
@@ -362,16 +540,28 @@ def _user_line(e: BaseException | None) -> str:
     return f" at {user.filename}:{user.lineno}: `{(user.line or '').strip()}`"
 
 
+_DATA_HINT = (
+    "if forward branches on tensor values, rewrite the branch with torch.cond or torch.where, "
+    "or make it depend on shapes/flags only; you can also move the dynamic part outside the model"
+)
+# (words in the tracers' messages, the construct they mean, what to do), first match wins
+_CONSTRUCTS = (
+    (
+        ("numpy", "__array"),
+        "a NumPy call on a tensor",
+        "use the torch function instead (torch.tanh for np.tanh, ...), or do the NumPy part outside the model",
+    ),
+    (("data-dependent", "control flow", "guard"), "data-dependent control flow", _DATA_HINT),
+)
+
+
 def _both_failed(model, fx_error, export_error) -> TraceError:
-    hint = (
-        "if forward branches on tensor values, rewrite the branch with torch.cond or torch.where, "
-        "or make it depend on shapes/flags only; you can also move the dynamic part outside the model"
-    )
     text = f"{_first_line(fx_error)} {_first_line(export_error)}".lower()
-    if "data-dependent" in text or "control flow" in text or "guard" in text:
-        what = "data-dependent control flow"
-    else:
-        what = "an unsupported construct"
+    what, hint = "an unsupported construct", _DATA_HINT
+    for words, construct, todo in _CONSTRUCTS:
+        if any(w in text for w in words):
+            what, hint = construct, todo
+            break
     return TraceError(
         f"cannot capture {type(model).__name__}: {what}{_user_line(export_error) or _user_line(fx_error)}. "
         f"torch.fx said: {_first_line(fx_error)}. torch.export said: {_first_line(export_error)}. "

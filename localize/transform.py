@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from contextlib import contextmanager
@@ -85,6 +86,7 @@ def transform(
     if blocks is None:
         blocks = 4 if cuts is None else len(cuts) + 1
     _check_args(model, blocks, aux, balance, max_frontier, on_nan, cuts)
+    _check_options(example_kwargs, aux_options, loss_fn, lr)
     opt_factory = _optimizer_factory(optimizer, lr)
     example_inputs = _as_tuple(example_inputs)
     timings: dict[str, float] = {}
@@ -100,7 +102,7 @@ def transform(
             f"set requires_grad=True on the parameters you want localize to train"
         )
     if annotated:
-        with _stage("annotate_tensors", timings):
+        with _stage("annotate_tensors", timings), _blame_inputs(model, example_inputs, example_kwargs):
             flat = traced.bind(tuple(example_inputs or ()), dict(example_kwargs or {}))
             annotate_tensors(gm, flat)  # shapes, dtypes, needs-grad, FLOPs from one example run
     with _stage("annotate_costs", timings):
@@ -120,10 +122,8 @@ def transform(
             positions = balance_blocks(gm, legal, blocks, metric)  # exact DP over legal cuts
     with _stage("assign_blocks", timings):
         assign_blocks(gm, positions)  # block id per node; tied parameters read detached
-    flags = []
-    if traced.method == "export":
-        with _stage("bind_training_mode", timings):
-            flags = bind_training_mode(gm)  # exported dropout / batch-norm follow train()
+    with _stage("bind_training_mode", timings):
+        flags = bind_training_mode(gm)  # mode-dependent arguments follow train()
     _debug("assign_blocks", gm, graphs)
     with _stage("insert_gradient_cuts", timings):
         program, qualname_map = insert_gradient_cuts(gm)  # split into blocks, detach at boundaries
@@ -185,6 +185,35 @@ def _check_args(model, blocks, aux, balance, max_frontier, on_nan, cuts) -> None
         raise ConfigError(f"on_nan={on_nan!r}; choose 'raise' or 'skip'")
     if cuts is not None and (isinstance(cuts, str) or not all(isinstance(c, str) for c in cuts)):
         raise ConfigError(f"cuts must be a list of module names, e.g. ['layer2', 'layer3'], got {cuts!r}")
+
+
+def _check_options(example_kwargs, aux_options, loss_fn, lr) -> None:
+    for name, value in (("example_kwargs", example_kwargs), ("aux_options", aux_options)):
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a dict of names to values, got {type(value).__name__}")
+    if loss_fn is not None and not callable(loss_fn):
+        raise ConfigError(f"loss_fn must be a callable (prediction, target) -> loss, got {type(loss_fn).__name__}")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
+        raise ConfigError(f"lr must be a number > 0, got {lr!r}")
+
+
+@contextmanager
+def _blame_inputs(model: nn.Module, args: tuple | None, kwargs: dict[str, Any] | None):
+    """When the example run fails, tell a bad example input (the model itself fails) from a bug in localize."""
+    try:
+        yield
+    except LocalizeError:
+        raise
+    except Exception as e:
+        try:
+            with torch.no_grad():
+                copy.deepcopy(model)(*(args or ()), **(kwargs or {}))  # a copy: BatchNorm stats stay untouched
+        except Exception as own:  # noqa: BLE001 - whatever the model raises is the user's answer
+            raise ConfigError(
+                f"{type(model).__name__} itself fails on example_inputs ({type(own).__name__}: "
+                f"{str(own).splitlines()[0] if str(own) else ''}); pass example inputs the model accepts"
+            ) from e
+        raise
 
 
 def _optimizer_factory(optimizer: OptimizerFactory | str, lr: float | None) -> OptimizerFactory:

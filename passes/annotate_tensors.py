@@ -65,6 +65,9 @@ class _Recorder(fx.Interpreter):
         self._producer: dict[int, fx.Node] = {}
         self._seen: set[int] = set()
         self._current: fx.Node | None = None
+        # Results stay alive for the whole run: a freed storage's address can be reused, which
+        # would make a new tensor look like one already seen (nondeterministic activation bytes).
+        self._alive: list[object] = []
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         # Bytes autograd keeps for backward, each storage counted once and charged to the node
@@ -94,6 +97,7 @@ class _Recorder(fx.Interpreter):
         for t in result if isinstance(result, (tuple, list)) else (result,):
             if isinstance(t, torch.Tensor) and n.op != "get_attr":
                 self._producer.setdefault(_storage_key(t), n)
+        self._alive.append(result)
         lmeta(n)["value"] = ValueInfo.of(result)
         lmeta(n)["flops"] = int(flops)
         return result

@@ -2,7 +2,13 @@
 
 Exact dynamic programming over the legal cuts (not a greedy sweep). Among partitions with the
 same largest block, the one with the smallest sum of squared block costs wins, so blocks come out
-as even as the legal cuts allow. Every block must own at least one trainable parameter.
+as even as the legal cuts allow. Every block must own at least one trainable parameter (a shared
+parameter belongs to its last reader, see ``assign_blocks``).
+
+A cut where several activations cross (``max_frontier > 1``: U-Net skips, an encoder output read by
+every decoder layer) costs local learning something: the later block receives those tensors
+detached. So a block that starts at such a cut is charged ``FRONTIER_PENALTY`` of an average
+block's cost per extra activation, and a wide cut wins only where it balances clearly better.
 """
 
 from __future__ import annotations
@@ -16,9 +22,10 @@ from localize.passes.annotate_tensors import value_info
 from localize.passes.cost import node_cost, params_of
 from localize.passes.find_cut_points import CutPoint, compute_nodes
 
-__all__ = ["balance_blocks", "METRICS"]
+__all__ = ["balance_blocks", "FRONTIER_PENALTY", "METRICS"]
 
 METRICS = ("flops", "params", "memory")
+FRONTIER_PENALTY = 0.05  # per activation beyond the first, as a fraction of the average block cost
 
 
 def balance_blocks(gm: fx.GraphModule, cuts: list[CutPoint], blocks: int, metric: str = "flops") -> list[int]:
@@ -33,7 +40,12 @@ def balance_blocks(gm: fx.GraphModule, cuts: list[CutPoint], blocks: int, metric
         )
     nodes = compute_nodes(gm)
     weight = [max(node_cost(n).get(metric), 0) for n in nodes]
-    owns = [1 if params_of(gm, n) else 0 for n in nodes]
+    last_reader: dict[int, int] = {}
+    for i, n in enumerate(nodes):
+        for p in params_of(gm, n):
+            if p.requires_grad:
+                last_reader[id(p)] = i
+    owns = [1 if any(last_reader.get(id(p)) == i for p in params_of(gm, n)) else 0 for i, n in enumerate(nodes)]
     prefix, pprefix = [0], [0]
     for w, o in zip(weight, owns):
         prefix.append(prefix[-1] + w)
@@ -49,6 +61,10 @@ def balance_blocks(gm: fx.GraphModule, cuts: list[CutPoint], blocks: int, metric
             entry[c.position + 1] = sum(
                 (value_info(by_name[a]).nbytes if value_info(by_name[a]) else 0) for a in c.activations
             )
+    else:
+        penalty = FRONTIER_PENALTY * prefix[-1] / blocks
+        for c in cuts:
+            entry[c.position + 1] = penalty * max(len(c.activations) - 1, 0)
 
     def seg(a: int, b: int) -> tuple[float, float] | None:
         """Cost of the block covering compute nodes [a, b); None when it trains nothing."""

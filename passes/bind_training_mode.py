@@ -1,12 +1,16 @@
 """Make exported dropout and batch-norm follow ``train()``/``eval()`` again.
 
-``torch.export`` bakes the module mode into each op (``aten.dropout(x, p, False)``). This pass
-replaces that constant with the output of a :class:`TrainingFlag` module, one per block, so that
-``LocalModel.train()`` switches dropout and batch statistics exactly like the original model.
-(Attention dropout inside ``scaled_dot_product_attention`` stays as exported, i.e. off.)
+``torch.export`` bakes the module mode into each op (``aten.dropout(x, p, False)``), and
+``torch.fx`` bakes ``self.training`` wherever forward passes it as an argument
+(``F.dropout(x, p, self.training)``; the tracer marks those in ``meta["localize"]["mode_args"]``).
+This pass replaces such constants with the output of a :class:`TrainingFlag` module, one per
+block, so that ``LocalModel.train()`` switches dropout and batch statistics exactly like the
+original model. (Attention dropout inside ``scaled_dot_product_attention`` stays as exported.)
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.fx as fx
@@ -35,24 +39,34 @@ class TrainingFlag(torch.nn.Module):
 
 def bind_training_mode(gm: fx.GraphModule) -> list[TrainingFlag]:
     """Rewrite mode-dependent ops in place; return the flag modules (one per block using them)."""
-    flags: dict[int, fx.Node] = {}
+    flags: dict[tuple[int, bool], fx.Node] = {}
     modules: list[TrainingFlag] = []
-    for node in list(gm.graph.nodes):
-        index = MODE_ARGS.get(node.target) if node.op == "call_function" else None
-        if index is None or len(node.args) <= index:
-            continue
+
+    def flag(node: fx.Node, inverted: bool) -> fx.Node:
         block = lmeta(node).get("block", 0)
-        if block not in flags:
+        if (block, False) not in flags:
             name = f"localize_training_{block}"
             module = TrainingFlag()
             module.train(gm.training)
             gm.add_submodule(name, module)
             modules.append(module)
             with gm.graph.inserting_before(node):
-                flags[block] = gm.graph.call_module(name)
-            lmeta(flags[block]).update(block=block, module="")
-        args = list(node.args)
-        args[index] = flags[block]
-        node.args = tuple(args)
+                flags[block, False] = gm.graph.call_module(name)
+            lmeta(flags[block, False]).update(block=block, module="")
+        if inverted and (block, True) not in flags:  # forward passed `not self.training`
+            with gm.graph.inserting_after(flags[block, False]):
+                flags[block, True] = gm.graph.call_function(operator.not_, (flags[block, False],))
+            lmeta(flags[block, True]).update(block=block, module="")
+        return flags[block, inverted]
+
+    for node in list(gm.graph.nodes):
+        index = MODE_ARGS.get(node.target) if node.op == "call_function" else None
+        if index is not None and len(node.args) > index:
+            node.update_arg(index, flag(node, False))
+        for (where, key), inverted in lmeta(node).get("mode_args", ()):
+            if where == "args":
+                node.update_arg(key, flag(node, inverted))
+            else:
+                node.update_kwarg(key, flag(node, inverted))
     gm.recompile()
     return modules

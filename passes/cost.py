@@ -38,10 +38,12 @@ class Cost:
 
 
 def params_of(gm: fx.GraphModule, node: fx.Node) -> list[torch.Tensor]:
-    """Parameters a node reads directly (a call_module's own, or get_attr arguments)."""
+    """Parameters a node reads directly (a call_module's own, or get_attr arguments); a module call
+    that reads some parameters detached (``meta["localize"]["detached_params"]``) does not count those."""
     out: list[torch.Tensor] = []
     if node.op == "call_module":
-        out.extend(gm.get_submodule(node.target).parameters())
+        detached = lmeta(node).get("detached_params", ())
+        out.extend(p for p in gm.get_submodule(node.target).parameters() if id(p) not in detached)
     for arg in node.all_input_nodes:
         if arg.op == "get_attr":
             value = _fetch_attr(gm, arg.target)

@@ -17,7 +17,11 @@ A cut is legal when
    (``nn.Sequential``/``nn.ModuleList``/``nn.ModuleDict``) such as a ResNet's residual block or a
    transformer layer. Each call of a module is its own unit, so a ReLU reused everywhere splits
    nothing;
-3. some trainable parameter is used after it (a block with nothing to train is useless).
+3. some trainable parameter is used after it (a block with nothing to train is useless);
+4. every crossing activation is a tensor: a cut never separates a multi-output op (an LSTM's
+   ``(output, (h, c))``) from the ``getitem`` s that unpack it, since a tuple cannot be detached
+   or read by an aux head; and (when shapes are known) one of them is batch-first, with the
+   first input's leading size, for the aux head to read (not an RNN's ``(layers, batch, h)``).
 
 The dataflow graph is a ``networkx.DiGraph`` so the frontier of any cut can be checked by
 reachability in the verification pass as well.
@@ -25,6 +29,7 @@ reachability in the verification pass as well.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import networkx as nx
@@ -92,6 +97,30 @@ def needs_grad(gm: fx.GraphModule, node: fx.Node) -> bool:
     return result
 
 
+def _is_tensor(node: fx.Node) -> bool:
+    """Whether a node produces one tensor (from the example run; else: not unpacked by getitem)."""
+    info = value_info(node)
+    if info is not None:
+        return info.is_tensor
+    return not node.users or any(u.target is not operator.getitem for u in node.users)
+
+
+def _batch_size(gm: fx.GraphModule) -> int | None:
+    """The leading size of the first tensor input, when the graph was annotated."""
+    for node in gm.graph.nodes:
+        info = value_info(node) if node.op == "placeholder" else None
+        if info is not None and info.is_tensor and info.shape:
+            return info.shape[0]
+    return None
+
+
+def _batch_first(node: fx.Node, batch: int | None) -> bool:
+    info = value_info(node)
+    if batch is None or info is None:
+        return True
+    return info.is_tensor and info.floating and bool(info.shape) and info.shape[0] == batch
+
+
 def _unit_intervals(gm: fx.GraphModule, nodes: list[fx.Node], root: torch.nn.Module) -> list[tuple[int, int]]:
     """[first, last] positions of every call of a module that must not be split."""
     spans: dict[str, list[int]] = {}
@@ -136,6 +165,9 @@ def find_cut_points(
     count = len(nodes)
     # diff-array sweep: a value defined at p and last used at q crosses cuts p..q-1
     grad_diff = [0] * (count + 1)
+    tuple_diff = [0] * (count + 1)
+    batch = _batch_size(gm)
+    readable_diff = [0] * (count + 1)  # crossing activations an aux head can read
     crossing_at: list[list[fx.Node]] = [[] for _ in range(count)]
     for n in nodes:
         users = [pos[u] for u in n.users if u in pos]
@@ -147,6 +179,12 @@ def find_cut_points(
         if needs_grad(gm, n):
             grad_diff[pos[n]] += 1
             grad_diff[last] -= 1
+            if not _is_tensor(n):
+                tuple_diff[pos[n]] += 1
+                tuple_diff[last] -= 1
+            if _batch_first(n, batch):
+                readable_diff[pos[n]] += 1
+                readable_diff[last] -= 1
         for i in range(pos[n], last):
             crossing_at[i].append(n)
     for ph in gm.graph.nodes:
@@ -164,6 +202,9 @@ def find_cut_points(
             grad_diff[users[-1]] -= 1
             for i in range(first, users[-1]):
                 crossing_at[i].append(ph)
+            if _batch_first(ph, batch):
+                readable_diff[first] += 1
+                readable_diff[users[-1]] -= 1
     blocked = [False] * count
     for a, b in _unit_intervals(gm, nodes, root):
         for i in range(a, b):
@@ -173,11 +214,15 @@ def find_cut_points(
         has_params_after[i] = has_params_after[i + 1] or bool(params_of(gm, nodes[i]))
     has_params_before = False
     cuts = []
-    running = 0
+    running = tuples = readable = 0
     for i in range(count - 1):
         running += grad_diff[i]
+        tuples += tuple_diff[i]
+        readable += readable_diff[i]
         has_params_before = has_params_before or bool(params_of(gm, nodes[i]))
-        if blocked[i] or not (1 <= running <= max_frontier):
+        if blocked[i] or tuples or not (1 <= running <= max_frontier):
+            continue
+        if batch is not None and not readable:
             continue
         if not (has_params_before and has_params_after[i + 1]):
             continue

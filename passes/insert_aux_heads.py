@@ -15,6 +15,8 @@ from torch import nn
 
 from localize.aux import AuxSpec, build_aux
 from localize.passes.annotate_tensors import value_info
+from localize.passes.assign_blocks import DetachedCall
+from localize.passes.cost import params_of
 from localize.plan import Plan
 from localize.tracer import lmeta
 
@@ -26,7 +28,9 @@ _LAST = ("linear", "layer_norm", "layernorm", "embedding", "matmul", "addmm", "b
 
 def _op_name(gm: fx.GraphModule, node: fx.Node) -> str:
     if node.op == "call_module":
-        return type(gm.get_submodule(node.target)).__name__.lower()
+        module = gm.get_submodule(node.target)
+        module = module.wrapped if isinstance(module, DetachedCall) else module
+        return type(module).__name__.lower()
     if node.op == "call_method":
         return str(node.target).lower()
     return getattr(node.target, "__name__", str(node.target)).lower()
@@ -56,10 +60,17 @@ def infer_layout(gm: fx.GraphModule, node: fx.Node) -> str:
 
 
 def choose_primary(plan: Plan, block: int) -> str | None:
-    """Name (in the flat graph) of the activation block ``block`` hands on that its head reads."""
-    by_name = {n.name: n for n in plan.gm.graph.nodes}
+    """Name (in the flat graph) of the activation block ``block`` hands on that its head reads.
+
+    When several activations leave the block (a U-Net's skips, an encoder output beside the
+    decoder state) the head reads the one computed from most of the block's trainable parameters,
+    so that its loss trains the whole block; ties go to the one computed last, then the largest.
+    """
+    gm = plan.gm
+    by_name = {n.name: n for n in gm.graph.nodes}
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     later = {name for b in plan.blocks[block + 1 :] for name in b.cut_inputs}
-    best, best_bytes = None, -1
+    best, best_key = None, None
     for name in plan.blocks[block].outputs:
         node = by_name.get(name)
         if node is None or name not in later:
@@ -67,9 +78,28 @@ def choose_primary(plan: Plan, block: int) -> str | None:
         info = value_info(node)
         if info is None or not info.is_tensor or not info.floating or not info.requires_grad:
             continue
-        if info.nbytes >= best_bytes:
-            best, best_bytes = name, info.nbytes
+        key = (_trained_by(gm, node, block), order[node], info.nbytes)
+        if best_key is None or key > best_key:
+            best, best_key = name, key
     return best
+
+
+def _trained_by(gm: fx.GraphModule, node: fx.Node, block: int) -> int:
+    """How many trainable parameter elements of ``block`` the value ``node`` is computed from."""
+    seen: set[fx.Node] = set()
+    params: dict[int, int] = {}
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n in seen or lmeta(n).get("block") != block:
+            continue
+        seen.add(n)
+        if n.op in ("call_module", "call_function", "call_method") and not lmeta(n).get("tied"):
+            for p in params_of(gm, n):
+                if p.requires_grad:
+                    params[id(p)] = p.numel()
+        stack.extend(n.all_input_nodes)
+    return sum(params.values())
 
 
 def insert_aux_heads(plan: Plan, context: object = None) -> list[nn.Module | None]:

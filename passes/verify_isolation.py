@@ -6,7 +6,8 @@ Checks, on the program graph:
   in graph order (block ids never decrease);
 * no autograd path crosses a boundary: every value a block reads from another block is either a
   ``detach`` cut node or needs no gradient, and every parameter a block reads that another block
-  owns is read through ``detach``.
+  owns is read through ``detach`` (or a module call that detaches it);
+* every trainable parameter is read with its gradient by one block only (its owner).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 import torch.fx as fx
 
 from localize.errors import VerificationError
+from localize.passes.cost import params_of
 from localize.passes.find_cut_points import COMPUTE_OPS, needs_grad
 from localize.passes.insert_gradient_cuts import source_of
 from localize.tracer import lmeta
@@ -33,6 +35,7 @@ def verify_isolation(gm: fx.GraphModule, program: fx.GraphModule) -> None:
         if block < last and not lmeta(node).get("tied"):
             raise VerificationError(f"node {node.name} is in block {block} after block {last}: blocks not contiguous")
         last = max(last, block)
+    _check_owners(gm)
     by_name = {n.name: n for n in gm.graph.nodes}
     for node in program.graph.nodes:
         if node.op != "call_module":
@@ -68,3 +71,17 @@ def _check_params(sub: fx.GraphModule, block: int) -> None:
             raise VerificationError(
                 f"block {block} reads parameter {node.target} owned by block {owner} without detach"
             )
+
+
+def _check_owners(gm: fx.GraphModule) -> None:
+    readers: dict[int, set[int]] = {}
+    names = {id(p): name for name, p in gm.named_parameters(remove_duplicate=False)}
+    for node in gm.graph.nodes:
+        if node.op not in COMPUTE_OPS or lmeta(node).get("tied"):
+            continue
+        for p in params_of(gm, node):
+            if p.requires_grad:
+                readers.setdefault(id(p), set()).add(lmeta(node)["block"])
+    for key, blocks in readers.items():
+        if len(blocks) > 1:
+            raise VerificationError(f"parameter {names.get(key, '?')} is trained by blocks {sorted(blocks)}, not one")
