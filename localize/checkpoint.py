@@ -139,11 +139,25 @@ def save(lm: LocalModel, path: str | os.PathLike, *, data: dict[str, Any] | None
     }
     buffer = io.BytesIO()
     torch.save(state, buffer)  # serialise fully before touching the target file
-    atomic_write_bytes(path, buffer.getvalue())
+    if os.path.isdir(path):
+        raise CheckpointError(f"cannot write a checkpoint to {os.fspath(path)!r}: it is a folder; pass a file path")
+    try:
+        atomic_write_bytes(path, buffer.getvalue())
+    except OSError as e:
+        raise CheckpointError(
+            f"cannot write a checkpoint to {os.fspath(path)!r} ({e.strerror or e}); pass a writable file path"
+        ) from e
 
 
 def load(path: str | os.PathLike, into: LocalModel | None = None) -> Checkpoint:
     """Read a checkpoint; with ``into``, check it belongs to that LocalModel and restore it."""
+    from localize.model import LocalModel
+
+    if into is not None and not isinstance(into, LocalModel):
+        raise CheckpointError(
+            f"into= must be a LocalModel, got {type(into).__name__}; for a plain model use "
+            f"model.load_state_dict(localize.load(path).model)"
+        )
     try:
         raw = torch.load(os.fspath(path), map_location="cpu", weights_only=False)
     except FileNotFoundError:

@@ -7,6 +7,7 @@ __all__ = [
     "ConfigError",
     "VerificationError",
     "TargetError",
+    "InputError",
 ]
 
 
@@ -32,3 +33,7 @@ class VerificationError(LocalizeError):
 
 class TargetError(LocalizeError):
     """A training target does not fit the loss (shape or dtype)."""
+
+
+class InputError(LocalizeError):
+    """Inputs given to a LocalModel do not fit the traced model (shape, dtype or device)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,7 +13,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from localize.errors import ConfigError, LocalizeError, TargetError
+from localize.errors import ConfigError, InputError, LocalizeError, TargetError
 from localize.loss import LossFn
 from localize.passes.cost import params_of
 from localize.passes.find_cut_points import compute_nodes
@@ -167,7 +168,7 @@ class LocalModel(nn.Module):
     def _ensure_optimizers(self) -> None:
         for block in self.blocks:
             if block.optimizer is None and block.trainable:
-                block.optimizer = self._optimizer_factory(block.trainable)
+                block.optimizer = _make_optimizer(self._optimizer_factory, block)
 
     def save(self, path: str, *, data: dict[str, Any] | None = None) -> None:
         """Checkpoint model, heads, optimizer and RNG states, the step and ``data`` (e.g. the
@@ -209,8 +210,22 @@ class LocalModel(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         flat = self.plan.traced.bind(args, kwargs)
+        self._check_devices(flat)
         self._ensure_ready(flat)
-        return self.plan.traced.unflatten(list(self._program(*flat)))
+        with _explain_failure(self, flat, "the model"):
+            outs = self._program(*flat)
+        return self.plan.traced.unflatten(list(outs))
+
+    def _check_devices(self, flat: list[Any]) -> None:
+        param = next(self.model.parameters(), None)
+        if param is None:
+            return
+        for i, value in enumerate(flat):
+            if isinstance(value, torch.Tensor) and value.device != param.device:
+                raise InputError(
+                    f"input {self.plan.traced.input_names[i]!r} is on {value.device} but the model is on "
+                    f"{param.device}; move the inputs (or the model, with lm.to(...)) to one device"
+                )
 
     def _flat_inputs(self, inputs: Any) -> list[Any]:
         if isinstance(inputs, dict):
@@ -232,6 +247,7 @@ class LocalModel(nn.Module):
         a dict of keyword tensors.
         """
         flat = self._flat_inputs(inputs)
+        self._check_devices(flat)
         self._ensure_ready(flat)
         self._ensure_optimizers()
         losses: list[float] = [math.nan] * len(self.blocks)
@@ -316,7 +332,7 @@ class _Run:
         node = self.lm._nodes[pos]
         args = fx.node.map_arg(node.args, self.env.__getitem__)
         self.block_inputs[block.index] = tuple(args)
-        with torch.enable_grad():
+        with torch.enable_grad(), _explain_failure(self.lm, self.flat, f"block {block.index}"):
             outs = block.module(*args)
         self.outputs[block.index] = outs
         self.env[node] = outs
@@ -358,6 +374,56 @@ class _Run:
                 self.env[node] = detached  # frees the block's autograd graph
         self.losses.pop(block.index, None)
         self.block_inputs.pop(block.index, None)
+
+
+@contextmanager
+def _explain_failure(lm: LocalModel, flat: list[Any], where: str):
+    """A torch error while running the graph almost always means inputs unlike the traced ones."""
+    try:
+        yield
+    except LocalizeError:
+        raise
+    except (RuntimeError, TypeError, IndexError, ValueError) as e:
+        given = ", ".join(_describe(v) for v in flat)
+        raise InputError(
+            f"{where} failed on inputs ({given}): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
+            f"It was traced with ({_traced_inputs(lm)}); pass inputs of the same kind (only the batch size may "
+            f"differ). If the original model accepts these inputs, this is a localize bug: please report it"
+        ) from e
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}"
+    return type(value).__name__
+
+
+def _traced_inputs(lm: LocalModel) -> str:
+    parts = []
+    for node in lm.plan.gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        info = lmeta(node).get("value")  # set by annotate_tensors
+        if info is not None and info.is_tensor:
+            parts.append(f"{node.name}: {info.shape} {str(info.dtype).removeprefix('torch.')}")
+        else:
+            parts.append(node.name)
+    return ", ".join(parts)
+
+
+def _make_optimizer(factory: Any, block: Block) -> torch.optim.Optimizer:
+    try:
+        optimizer = factory(block.trainable)
+    except LocalizeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's factory; report it as theirs
+        raise ConfigError(f"the optimizer factory failed for block {block.index}: {type(e).__name__}: {e}") from e
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(
+            f"the optimizer factory must return a torch.optim.Optimizer, got {type(optimizer).__name__}; "
+            f"e.g. optimizer=lambda params: torch.optim.SGD(params, lr=0.05)"
+        )
+    return optimizer
 
 
 def _owned_params(plan: Plan) -> dict[int, list[nn.Parameter]]:

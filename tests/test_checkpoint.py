@@ -83,7 +83,7 @@ def test_interrupted_write_leaves_the_previous_checkpoint_intact(tmp_path, monke
         raise OSError("disk went away")
 
     monkeypatch.setattr(os, "fsync", broken_fsync)
-    with pytest.raises(OSError, match="disk went away"):
+    with pytest.raises(CheckpointError, match="disk went away"):
         lm.save(path, data={"batch": 2})
     monkeypatch.undo()
     assert path.read_bytes() == before
