@@ -19,3 +19,13 @@ import torch  # noqa: E402
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    # The suite's models are tiny: one intra-op thread is faster than two on a 2-core machine,
+    # and does not collapse when the cores are shared (CI, or several test runs at once).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
