@@ -2,7 +2,17 @@
 shape of the model's output, so one loss serves all blocks.
 
 A strategy is a function ``build(spec: AuxSpec) -> nn.Module`` registered under a name with
-:func:`register_aux`. ``"dgl"`` and ``"linear"`` ship with localize.
+:func:`register_aux`. Built in: ``"dgl"`` and ``"linear"`` (:mod:`localize.aux.heads`) and the
+published methods, generated from the transformed graph: ``"auglocal"`` (copies of later layers,
+:mod:`~localize.aux.auglocal`), ``"man"`` (EMA + trainable copy of the next block's first layer,
+:mod:`~localize.aux.man`), ``"infopro"`` (input reconstruction + classifier,
+:mod:`~localize.aux.infopro`), ``"featrecon"`` (block-input reconstruction + output head,
+:mod:`~localize.aux.featrecon`) and ``"drtp"`` (fixed random target projection,
+:mod:`~localize.aux.drtp`). Each module documents its paper, options and defaults.
+
+A head may define ``local_loss(feature, target, ctx)`` (it then computes its own loss from the
+:class:`~localize.model.LossContext`) and ``after_update()`` (called after its block's optimizer
+step).
 
 Example:
     >>> import torch
@@ -70,4 +80,10 @@ def build_aux(name: str, spec: AuxSpec) -> torch.nn.Module:
     return _REGISTRY[name](spec)
 
 
-from localize.aux import heads as _heads  # noqa: E402,F401  (registers the built-in strategies)
+# registers the built-in strategies; the published ones are documented in their modules
+from localize.aux import auglocal as _auglocal  # noqa: E402,F401
+from localize.aux import drtp as _drtp  # noqa: E402,F401
+from localize.aux import featrecon as _featrecon  # noqa: E402,F401
+from localize.aux import heads as _heads  # noqa: E402,F401
+from localize.aux import infopro as _infopro  # noqa: E402,F401
+from localize.aux import man as _man  # noqa: E402,F401
