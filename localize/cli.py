@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-bp", action="store_true", help="with --train: also train with plain backprop")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export (faster)")
     p.add_argument(
+        "--distributed", action="store_true",
+        help="with --train: one block per process; launch with torchrun --nproc-per-node K (localize/distributed.py)",
+    )
+    p.add_argument(
         "--checkpoint-every", type=_positive(int, "use a number of steps >= 1"), default=None, metavar="N",
         help="with --train: save a checkpoint every N steps to OUT.checkpoint.pt (beside OUT)",
     )
@@ -96,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except _UsageError as e:
         return _fail(str(e))
+    if args.distributed:  # this rank's part of a pipeline torchrun started: localize.distributed
+        from localize.distributed import run_cli
+
+        return run_cli(args)
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 140, soft_wrap=False)
     try:
         return _run(args, console)

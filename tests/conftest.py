@@ -10,6 +10,10 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 # Tests that are not about kernels train with the torch path (the interpreter costs ~25 ms a
 # step); the kernel tests select each backend explicitly with localize.kernels.use_backend.
 os.environ.setdefault("LOCALIZE_KERNEL_BACKEND", "torch")
+# One intra-op thread, in this process and in every subprocess a test starts (the CLI, program.py,
+# distributed ranks): results are then bit-comparable across them, since the thread count changes
+# the order of float reductions.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

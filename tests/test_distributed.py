@@ -1,0 +1,465 @@
+"""Blocks on separate processes: pipelines of 2 and 4 CPU ranks (gloo) train exactly what the
+in-process schedule trains, replicas average like one big batch, a dead or hung rank stops the
+others with one clear line, and bad launches fail in one line.
+
+Ranks are real processes with one thread each: forked from the test process (``_Rank``: it has
+imported torch already, which saves seconds per rank) running ``python -m localize.distributed``'s
+``main``, and once launched cold by torchrun. The in-process reference runs the same batches through
+``LocalModel.train_step``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+
+import localize
+from localize.dist_plan import Layout, stage_plan
+from localize.dist_wire import flatten_values, one_line, unflatten_values
+from localize.distributed import iter_batches, load_checkpoint, load_local_model, model_state_dict
+from localize.train import epoch_batches
+
+# A model whose later blocks read values block 0 makes: the mask (a model input) and an int size.
+MASKED = """
+import torch
+from torch import nn
+
+class Masked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(6, 16)
+        self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(3))
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x, mask):
+        n = x.size(1)
+        h = self.embed(x)
+        for layer in self.layers:
+            h = torch.relu(layer(h)) * mask
+        return self.head(h.sum(1) / n)
+
+def model():
+    return Masked()
+
+def example_inputs():
+    return (torch.randn(4, 7, 6), torch.ones(4, 7, 1))
+
+def dataset():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(45, 7, 6, generator=g)
+    mask = (torch.rand(45, 7, 1, generator=g) > 0.3).float()
+    y = torch.randint(0, 5, (45,), generator=g)
+    return ((x, mask), y), ((x, mask), y)
+"""
+
+MLP = """
+import torch
+from localize.zoo import MLP
+
+def model():
+    return MLP(16, 32, 4, 5)
+
+def example_inputs():
+    return (torch.randn(4, 16),)
+
+def dataset():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(60, 16, generator=g)
+    y = torch.randint(0, 5, (60,), generator=g)
+    return (x, y), (x, y)
+"""
+
+# Streams (practically) forever; touches $MARKER once training is under way.
+STREAM = """
+import os, pathlib, torch
+from localize.zoo import MLP
+
+def model():
+    return MLP(16, 32, 4, 5)
+
+def example_inputs():
+    return (torch.randn(4, 16),)
+
+class Stream:
+    def __iter__(self):
+        g = torch.Generator().manual_seed(1)
+        for i in range(10**7):
+            if i == 10:
+                pathlib.Path(os.environ["MARKER"]).touch()
+            yield torch.randn(8, 16, generator=g), torch.randint(0, 5, (8,), generator=g)
+
+def dataset():
+    return Stream(), Stream()
+"""
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    out = {}
+    for name, text in {"masked": MASKED, "mlp": MLP, "stream": STREAM}.items():
+        out[name] = root / f"{name}.py"
+        out[name].write_text(text)
+    load_local_model(str(out["mlp"]), 2)  # warm up this process: forked ranks skip the first-call costs
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(world: int, **extra: str) -> dict[str, str]:
+    env = dict(
+        os.environ,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        OMP_NUM_THREADS="1",
+        **extra,
+    )
+    env.pop("TORCHELASTIC_RUN_ID", None)
+    return env
+
+
+class _Rank:
+    """One rank forked from this (warm) process: it skips the seconds of importing torch and
+    localize that a fresh interpreter pays, which keeps multi-process tests fast on 2 cores. The
+    child runs ``python -m localize.distributed``'s ``main`` with torchrun's environment and its
+    stdout/stderr (file descriptors 1 and 2, so C++ logs too) in files, like a separate process."""
+
+    def __init__(self, module: str, argv: list[str], env: dict[str, str], logs: Path) -> None:
+        self.out, self.err = logs.with_suffix(".out"), logs.with_suffix(".err")
+        self.returncode: int | None = None
+        self.pid = os.fork()
+        if self.pid == 0:  # the child: never returns into pytest
+            code = 3
+            try:
+                os.environ.clear()
+                os.environ.update(env)
+                for fd, path in ((1, self.out), (2, self.err)):
+                    os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+                sys.stdout = open(1, "w", buffering=1, closefd=False)
+                sys.stderr = open(2, "w", buffering=1, closefd=False)
+                code = importlib.import_module(module).main(argv)
+            except BaseException:  # noqa: BLE001 - report anything, then leave without pytest's cleanup
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def communicate(self, timeout: float) -> tuple[str, str]:
+        deadline = time.time() + timeout
+        while self.poll() is None:
+            if time.time() > deadline:
+                raise subprocess.TimeoutExpired(f"rank pid {self.pid}", timeout)
+            time.sleep(0.02)
+        return self.out.read_text(), self.err.read_text()
+
+    def kill(self) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+            self.returncode = -signal.SIGKILL
+
+    def wait(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+        return self.returncode
+
+
+def _launch(model: Path, world: int, *args: str, ranks: int | None = None, **extra: str) -> list[_Rank]:
+    """``python -m localize.distributed MODEL.py ARGS`` on the first ``ranks`` ranks of ``world``, one thread each."""
+    return _launch_module(
+        "localize.distributed", [str(model), *args, "--threads", "1"], world, ranks, **extra
+    )
+
+
+def _launch_module(
+    module: str, argv: list[str], world: int, ranks: int | None = None, **extra: str
+) -> list[_Rank]:
+    """``module.main(argv)`` on the first ``ranks`` ranks of ``world``, with torchrun's environment."""
+    env = _env(world, **extra)
+    logs = Path(tempfile.mkdtemp(prefix="ranks"))
+    return [
+        _Rank(module, argv, dict(env, RANK=str(r), LOCAL_RANK=str(r)), logs / f"rank{r}")
+        for r in range(world if ranks is None else ranks)
+    ]
+
+
+def _wait(procs: list, timeout: float = 60) -> list[tuple[int, str, str]]:
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=timeout)
+            results.append((p.returncode, out, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return results
+
+
+def _reference(model: Path, blocks: int, batch_size: int) -> localize.LocalModel:
+    """The same LocalModel trained in one process over the same batches, with one thread like the ranks."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        lm, mf = load_local_model(str(model), blocks)
+        for x, y in iter_batches(mf.dataset()[0], batch_size):
+            lm.train_step(x, y)
+    finally:
+        torch.set_num_threads(threads)
+    return lm
+
+
+def _assert_same_state(got: dict, want: dict, atol: float) -> None:
+    assert set(got) == set(want)
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, atol=atol, rtol=0, msg=k)
+
+
+# ----------------------------------------------------------------------------------------------- no processes
+
+
+def test_stage_plan_forwards_values_to_the_blocks_that_read_them(files):
+    lm, _ = load_local_model(str(files["masked"]), 4)
+    plan = stage_plan(lm)
+    assert [sum(n.op == "call_module" for n in c) for c in plan.compute] == [1, 1, 1, 1]
+    cuts = [[n for n in s if n.op == "call_method" and n.target == "detach"] for s in plan.sends]
+    assert all(len(c) == 1 for c in cuts)  # one activation per boundary, the rest are forwarded
+    forwarded = [{n.name for n in s if n not in c} for s, c in zip(plan.sends, cuts)]
+    # the mask (a model input) and block 0's int size travel through every stage to the blocks reading them
+    assert forwarded[0] == forwarded[1] == forwarded[2] and len(forwarded[0]) == 2 and "mask" in forwarded[0]
+    assert "0 -> 1: target, mask" in str(plan)
+
+
+def test_messages_flatten_and_rebuild_nested_values():
+    values = [torch.ones(2, 3), (torch.zeros(1), 7, torch.Size([2, 2])), {"a": torch.arange(3), "b": None}]
+    tensors: list[torch.Tensor] = []
+    spec = flatten_values(values, tensors)
+    assert len(tensors) == 3
+    back = unflatten_values(spec, iter([t.clone() for t in tensors]))
+    assert back[1][1:] == (7, torch.Size([2, 2])) and back[2]["b"] is None
+    torch.testing.assert_close(back[2]["a"], torch.arange(3))
+    line = one_line(
+        RuntimeError(
+            "[/x/gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer. "
+            "This is typically caused by a remote worker hanging"
+        )
+    )
+    assert line == "Read error: Connection reset by peer"
+
+
+def test_world_size_must_be_a_multiple_of_the_blocks():
+    assert Layout.of(4, 2).grid() == "stage 0: ranks 0, 2 | stage 1: ranks 1, 3"
+    with pytest.raises(localize.LocalizeError, match=r"world size 3 is not a multiple of the 2 blocks") as e:
+        Layout.of(3, 2)
+    assert "\n" not in str(e.value)
+
+
+def test_train_without_a_launcher_or_with_a_cross_block_head_explains(monkeypatch, files):
+    from localize.distributed import train
+
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    lm, mf = load_local_model(str(files["mlp"]), 2)
+    with pytest.raises(localize.LocalizeError, match=r"no process group .* torchrun --nproc-per-node 2"):
+        train(lm, mf.dataset()[0], batch_size=8)
+    from localize.zoo import ResNet1d
+
+    net = ResNet1d(1, 10, widths=(8, 16), blocks_per_stage=(2, 2))
+    man = localize.transform(net, blocks=2, example_inputs=(torch.randn(2, 1, 40),), aux="man")
+    with pytest.raises(
+        localize.LocalizeError, match=r"block 0's aux head reads parameters that another block trains"
+    ):
+        train(man, None)
+
+
+# ----------------------------------------------------------------------------------------------- pipelines
+
+
+def test_cli_under_torchrun_equals_the_in_process_schedule(files, tmp_path):
+    """`torchrun --nproc-per-node 2 -m localize MODEL.py --blocks 2 --train --distributed`, cold processes:
+    the batches `--train` draws (60 samples in 7 shuffled batches of 8), trained as in one process."""
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "localize",
+        str(files["mlp"]),
+        "--blocks",
+        "2",
+        "--train",
+        "--distributed",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--seed",
+        "3",
+        "--out",
+        str(out),
+    ]
+    [(code, stdout, err)] = _wait(
+        [subprocess.Popen(cmd, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)],
+        timeout=120,
+    )
+    assert code == 0, err[-2000:]
+    assert "trained 14 microbatches on 2 stages x 1 replicas" in stdout and "epoch 2/2: loss" in stdout
+    assert sorted(p.name for p in out.iterdir()) == ["block0.pt", "block1.pt", "metrics.json", "model.pt"]
+    lm, mf = load_local_model(str(files["mlp"]), 2, seed=3)
+    for epoch in range(2):
+        for x, y in epoch_batches(mf.dataset()[0], 8, epoch, 3):
+            lm.train_step(x, y)
+    state = load_checkpoint(out)
+    _assert_same_state(state, lm.state_dict(), atol=1e-6)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 14 and metrics["samples"] == 112 and len(metrics["losses"]) == 14
+    # the assembled state dict loads into a fresh LocalModel and into the original model
+    fresh, _ = load_local_model(str(files["mlp"]), 2, seed=1)
+    fresh.load_state_dict(state)
+    original = fresh.model.__class__(16, 32, 4, 5)
+    original.load_state_dict(model_state_dict(state))
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(original(x), lm.model(x), atol=1e-6, rtol=0)
+    block1 = torch.load(out / "block1.pt", weights_only=False)
+    assert (
+        block1["step"] == 14
+        and block1["optimizer"]["state"]
+        and all(not k.startswith("aux.0.") for k in block1["state"])
+    )
+
+
+def test_cli_distributed_flags_fail_in_one_line(files, tmp_path):
+    """`--distributed` without `--train`, with a flag it cannot honour, or a world size that is not a
+    multiple of K: one line from rank 0, exit code 2."""
+    cases = [
+        ((), 1, "--distributed trains one block per process; add --train"),
+        (("--train", "--resume", str(files["mlp"])), 1, "--resume does not apply to --distributed"),
+        (("--train",), 3, "world size 3 is not a multiple of the 2 blocks"),
+    ]
+    for extra, world, message in cases:
+        argv = [str(files["mlp"]), "--blocks", "2", "--distributed", "--out", str(tmp_path / "out"), *extra]
+        results = _wait(_launch_module("localize.cli", argv, world, ranks=min(world, 2)))
+        assert all(code == 2 for code, _, _ in results), results
+        lines = results[0][2].strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("localize: error: ") and message in lines[0], lines
+        assert all(not err.strip() for _, _, err in results[1:])
+
+
+def test_four_processes_forwarding_values_equal_the_in_process_schedule(files, tmp_path):
+    """K = 4: the mask and an int size made by block 0 cross ranks 1 and 2 to reach block 3."""
+    ckpt = tmp_path / "ckpt"
+    results = _wait(
+        _launch(files["masked"], 4, "--blocks", "4", "--batch-size", "10", "--checkpoint", str(ckpt))
+    )
+    assert [r[0] for r in results] == [0, 0, 0, 0], [r[2][-1500:] for r in results]
+    ref = _reference(files["masked"], 4, 10)
+    _assert_same_state(load_checkpoint(ckpt), ref.state_dict(), atol=1e-6)
+
+
+def test_replicas_average_gradients_like_one_big_batch(files, tmp_path):
+    """K = 2 stages x R = 2 replicas: each replica trains half of every batch of 12, gradients averaged."""
+    ckpt = tmp_path / "ckpt"
+    results = _wait(
+        _launch(files["mlp"], 4, "--blocks", "2", "--batch-size", "12", "--checkpoint", str(ckpt))
+    )
+    assert [r[0] for r in results] == [0, 0, 0, 0], [r[2][-1500:] for r in results]
+    assert "2 stages x 2 replicas" in results[0][1]
+    ref = _reference(files["mlp"], 2, 12)
+    _assert_same_state(load_checkpoint(ckpt), ref.state_dict(), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- faults
+
+
+@pytest.mark.parametrize(
+    "sig,timeout", [(signal.SIGKILL, "30"), (signal.SIGSTOP, "3")], ids=["killed", "hung"]
+)
+def test_a_lost_rank_stops_the_others_with_one_clear_line(files, tmp_path, sig, timeout):
+    """Kill (or freeze) the middle rank of 3 mid-run: the ranks before and after it exit non-zero,
+    within the timeout, each with one line naming the rank it lost."""
+    marker = tmp_path / "started"
+    procs = _launch(files["stream"], 3, "--blocks", "3", "--timeout", timeout, MARKER=str(marker))
+    try:
+        deadline = time.time() + 60
+        while not marker.exists():
+            assert time.time() < deadline and all(p.poll() is None for p in procs), "training did not start"
+            time.sleep(0.05)
+        time.sleep(0.3)
+        start = time.time()
+        os.kill(procs[1].pid, sig)
+        results = _wait([procs[0], procs[2]], timeout=60)
+        elapsed = time.time() - start
+    finally:
+        procs[1].kill()
+        procs[1].wait()
+    assert elapsed < 60 if sig == signal.SIGKILL else elapsed < float(timeout) + 15
+    for code, _, err in results:
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert code == 1, err
+        assert len(lines) == 1 and lines[0].startswith("localize: error: rank "), err
+        assert "lost rank 1 (stage 1, replica 0)" in lines[0], err
+        if sig == signal.SIGSTOP:
+            assert "Timed out" in lines[0], err
+
+
+def test_a_rank_that_never_starts_stops_the_others_after_the_startup_timeout(files):
+    """World size 3 but only ranks 0 and 1 start: both give up on the rendezvous within the startup
+    timeout, exit non-zero, and their last line says which rank could not join."""
+    procs = _launch(files["mlp"], 3, "--blocks", "3", "--startup-timeout", "3", ranks=2)
+    start = time.time()
+    results = _wait(procs, timeout=60)
+    assert time.time() - start < 30
+    for rank, (code, _, err) in enumerate(results):
+        last = err.strip().splitlines()[-1]  # c10d may log socket warnings first
+        assert code == 1, err
+        assert last.startswith(f"localize: error: rank {rank} could not join the other 2 ranks"), err
+        assert "within 3 s" in last and "died before training" in last, err
+
+
+def test_bad_launches_fail_in_one_line(files):
+    """World size not a multiple of K, and K larger than the model's legal cuts: rank 0 prints one line,
+    the other ranks exit quietly. Both are caught before the rendezvous, so ranks 0 and 1 suffice."""
+    not_multiple = _launch(files["mlp"], 3, "--blocks", "2", ranks=2)
+    too_many = _launch(files["mlp"], 8, "--blocks", "8", ranks=2)
+    for procs, pattern in [
+        (not_multiple, "world size 3 is not a multiple of the 2 blocks"),
+        (too_many, "blocks=8 needs 7 cuts, but this model has only"),
+    ]:
+        results = _wait(procs)
+        assert all(code == 2 for code, _, _ in results), results
+        lines = results[0][2].strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("localize: error: ") and pattern in lines[0], lines
+        assert all(not err.strip() for _, _, err in results[1:])  # the other ranks stay quiet
