@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import operator
 import os
 import sys
 import time
@@ -527,7 +528,7 @@ class _Pipeline:
             if node.op == "call_method":
                 env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
             elif node.op == "get_attr":
-                env[node] = _get_path(lm.program, node.target)
+                env[node] = operator.attrgetter(node.target)(lm.program)
             else:
                 env[node] = node.target(*args, **kwargs)
         if self.next is not None:  # hand on first: the next stage starts while this one learns
@@ -774,13 +775,6 @@ def _to(value: Any, device: torch.device) -> Any:
     return value
 
 
-def _get_path(root: nn.Module, path: str) -> Any:
-    obj: Any = root
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 # ----------------------------------------------------------------------------------------------- launcher
 
 
@@ -978,22 +972,12 @@ def load_local_model(
 
     Seeded before the model is built, so every rank (and an in-process reference) gets the same one.
     """
+    from localize.cli import localize_file  # the CLI's own compile step: same model, same RNG draws
     from localize.loader import load_model_file
-    from localize.transform import transform
 
     mf = load_model_file(spec)
-    torch.manual_seed(seed)
-    model = mf.build_model()
-    lm = transform(
-        model,
-        blocks=blocks,
-        example_inputs=mf.example_inputs(),
-        aux=aux,
-        optimizer=optimizer,
-        lr=lr,
-        loss_fn=mf.loss_fn,
-        balance=balance,
-        cuts=cuts,
+    lm, _ = localize_file(
+        mf, blocks=blocks, aux=aux, balance=balance, cuts=cuts, optimizer=optimizer, lr=lr, seed=seed
     )
     return lm, mf
 

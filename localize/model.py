@@ -460,7 +460,4 @@ def _attribute_ties(blocks: list[Block], model: nn.Module) -> list[tuple[fx.Grap
 
 
 def _get_path(root: nn.Module, path: str) -> Any:
-    obj: Any = root
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
+    return operator.attrgetter(path)(root)  # "layer1.0.conv1.weight"

@@ -27,15 +27,6 @@ STRATEGIES = ["auglocal", "man", "infopro", "featrecon", "drtp"]
 STEPS = 6  # steps after the first on one fixed batch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: a second intra-op thread only adds contention on a shared 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _hf_gpt2(layers: int = 8) -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -25,16 +25,6 @@ from tests.zoo_models import ENTRIES, boundaries
 CASES = [(name, k) for name, e in ENTRIES.items() for k in e.blocks]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The zoo's models are tiny: a second intra-op thread only adds synchronisation, and on a busy
-    machine each op then waits for a core (a 16x16 conv: 0.5 ms on one thread, ~100 ms on two)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _transform(entry, blocks, batch=4, **kw):
     model = entry.build()
     kw.setdefault("optimizer", lambda p: torch.optim.AdamW(p, lr=3e-3))

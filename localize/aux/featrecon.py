@@ -32,6 +32,8 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -106,16 +108,7 @@ def _classifier(spec: AuxSpec, plan) -> nn.Module:
         link = adapter(spec.feature_shape, spec.feature_layout, head.input_shape, head.input_layout)
         if link is not None:
             return nn.Sequential(link, head.module)
-    return dgl_head(
-        AuxSpec(
-            spec.block,
-            spec.blocks,
-            spec.feature_shape,
-            spec.feature_layout,
-            spec.output_shape,
-            spec.output_layout,
-        )
-    )
+    return dgl_head(dataclasses.replace(spec, options={}, context=None))
 
 
 @register_aux("featrecon")

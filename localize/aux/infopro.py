@@ -40,6 +40,8 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -135,15 +137,7 @@ def infopro_head(spec: AuxSpec) -> nn.Module:
         loss=opts["recon_loss"],
     )
     classifier = dgl_head(
-        AuxSpec(
-            spec.block,
-            spec.blocks,
-            spec.feature_shape,
-            spec.feature_layout,
-            spec.output_shape,
-            spec.output_layout,
-            {"width": opts["width"], "pool": opts["pool"]},
-        )
+        dataclasses.replace(spec, options={"width": opts["width"], "pool": opts["pool"]}, context=None)
     )
     weights = (
         interpolated(opts["recon_weights"], spec.block, spec.blocks),

@@ -35,6 +35,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 from torch import nn
@@ -130,27 +131,16 @@ def man_head(spec: AuxSpec) -> nn.Module:
         adapter(spec.feature_shape, spec.feature_layout, unit.input_shape, unit.input_layout) if ema else None
     )
     if ema is None or link is None:
-        return dgl_head(
-            AuxSpec(
-                spec.block,
-                spec.blocks,
-                spec.feature_shape,
-                spec.feature_layout,
-                spec.output_shape,
-                spec.output_layout,
-                dgl_options,
-            )
-        )
+        return dgl_head(dataclasses.replace(spec, options=dgl_options, context=None))
     bias = FirstTensor(copy.deepcopy(ema.layer))  # trainable: layer_copy leaves requires_grad on
+    # the DGL head reads the unit's output: sum of the EMA and the trainable copy
     head = dgl_head(
-        AuxSpec(
-            spec.block,
-            spec.blocks,
-            unit.output_shape,
-            unit.output_layout,
-            spec.output_shape,
-            spec.output_layout,
-            dgl_options,
+        dataclasses.replace(
+            spec,
+            feature_shape=unit.output_shape,
+            feature_layout=unit.output_layout,
+            options=dgl_options,
+            context=None,
         )
     )
     target = plan.model.get_submodule(unit.path)
