@@ -221,7 +221,8 @@ class LocalModel(nn.Module):
         if param is None:
             return
         for i, value in enumerate(flat):
-            if isinstance(value, torch.Tensor) and value.device != param.device:
+            # 0-dim CPU tensors mix with any device in torch, so only batched inputs must match
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.device != param.device:
                 raise InputError(
                     f"input {self.plan.traced.input_names[i]!r} is on {value.device} but the model is on "
                     f"{param.device}; move the inputs (or the model, with lm.to(...)) to one device"
@@ -381,8 +382,8 @@ def _explain_failure(lm: LocalModel, flat: list[Any], where: str):
     """A torch error while running the graph almost always means inputs unlike the traced ones."""
     try:
         yield
-    except LocalizeError:
-        raise
+    except (LocalizeError, torch.OutOfMemoryError):
+        raise  # already explained, or not about the inputs
     except (RuntimeError, TypeError, IndexError, ValueError) as e:
         given = ", ".join(_describe(v) for v in flat)
         raise InputError(
