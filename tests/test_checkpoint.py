@@ -117,3 +117,23 @@ def test_non_finite_loss_raises_naming_block_and_step_or_skips():
     for k, v in before.items():
         if k in params:
             assert torch.equal(params[k], v), k
+
+
+def test_failure_while_serialising_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    case, lm = _make()
+    path = tmp_path / "ckpt.pt"
+    lm.save(path, data={"batch": 1})
+    before = path.read_bytes()
+    _train(lm, _data(case, 1))
+
+    def broken_save(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise RuntimeError("serialisation failed")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(RuntimeError, match="serialisation failed"):
+        lm.save(path, data={"batch": 2})
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+    assert localize.load(path).data == {"batch": 1}
