@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from localize.zoo import GPT, MLP, ResNet1d, ResNet2d, ViT
@@ -95,3 +96,16 @@ CASES: dict[str, Case] = {
         ),
     ]
 }
+
+
+class BlockOutputs(fx.Interpreter):
+    """Runs a LocalModel's program with autograd on, keeping each block's outputs by block index."""
+
+    def __init__(self, program: fx.GraphModule) -> None:
+        super().__init__(program)
+        self.outputs: dict[int, object] = {}
+
+    def call_module(self, target, args, kwargs):
+        out = super().call_module(target, args, kwargs)
+        self.outputs[int(target.rsplit("_", 1)[1])] = out  # split_module names blocks submod_<i>
+        return out

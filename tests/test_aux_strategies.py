@@ -21,7 +21,7 @@ from localize.errors import LocalizeError
 from localize.model import LossContext
 from localize.tracer import lmeta
 from localize.zoo import GPT, ResNet1d, ResNet2d, ViT
-from tests.models import Case
+from tests.models import BlockOutputs, Case
 
 STRATEGIES = ["auglocal", "man", "infopro", "featrecon", "drtp"]
 STEPS = 6  # steps after the first on one fixed batch
@@ -275,17 +275,6 @@ def test_infopro_reconstructs_the_model_input(name):
     assert lm.blocks[0].aux.decoder.kind == ("conv" if name == "resnet2d" else "tokens")
 
 
-class _Outputs(torch.fx.Interpreter):
-    def __init__(self, program):
-        super().__init__(program)
-        self.outputs = {}
-
-    def call_module(self, target, args, kwargs):
-        out = super().call_module(target, args, kwargs)
-        self.outputs[int(target.rsplit("_", 1)[1])] = out
-        return out
-
-
 @pytest.mark.parametrize("name", ["vit", "resnet1d"])
 def test_featrecon_reconstructs_the_detached_block_input(name):
     _, lm = _transform(name, 4, "featrecon")
@@ -294,7 +283,7 @@ def test_featrecon_reconstructs_the_detached_block_input(name):
         _spy(block.aux.decoder, seen)
     (x,), target = _batch(name)
     lm.eval()  # same numbers for the reference run and the step
-    run = _Outputs(lm.program)
+    run = BlockOutputs(lm.program)
     run.run(x)
     lm.train_step((x,), target)
     assert len(seen) == 3
@@ -339,7 +328,7 @@ def test_drtp_projection_is_fixed_and_adds_no_trainable_parameters(name):
 def test_each_local_loss_reaches_only_its_own_block(aux):
     model, lm = _transform("resnet1d", 4, aux)
     (x,), target = _batch("resnet1d")
-    run = _Outputs(lm.program)
+    run = BlockOutputs(lm.program)
     with torch.enable_grad():
         run.run(x)
     owner = {id(p): b.index for b in lm.blocks for p in b.trainable}

@@ -9,7 +9,6 @@ in topological order, K blocks when legal) and autograd (isolation).
 from __future__ import annotations
 
 import torch
-import torch.fx as fx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -18,6 +17,7 @@ import localize
 from localize.errors import PlanError
 from localize.passes.find_cut_points import compute_nodes
 from localize.tracer import lmeta
+from tests.models import BlockOutputs
 
 
 class RandomDag(nn.Module):
@@ -58,17 +58,6 @@ def dags(draw):
     return width, spec
 
 
-class _Capture(fx.Interpreter):
-    def __init__(self, program):
-        super().__init__(program)
-        self.outputs = {}
-
-    def call_module(self, target, args, kwargs):
-        out = super().call_module(target, args, kwargs)
-        self.outputs[int(target.rsplit("_", 1)[1])] = out
-        return out
-
-
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(dag=dags(), blocks=st.integers(1, 5), batch=st.integers(2, 5), seed=st.integers(0, 2**16))
 def test_random_dags_keep_partition_invariants(dag, blocks, batch, seed):
@@ -91,7 +80,7 @@ def test_random_dags_keep_partition_invariants(dag, blocks, batch, seed):
     with torch.no_grad():
         torch.testing.assert_close(lm(x), model(x), atol=1e-6, rtol=0)
     if blocks > 1:  # isolation: block 0's aux loss reaches only block 0
-        run = _Capture(lm.program)
+        run = BlockOutputs(lm.program)
         with torch.enable_grad():
             run.run(x)
         y = torch.randint(0, 3, (batch,))

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 
 import localize
-from tests.models import CASES
+from tests.models import CASES, BlockOutputs
 
 NAMES = list(CASES)
 
@@ -83,26 +82,13 @@ def test_one_block_is_exactly_backprop(name):
         torch.testing.assert_close(got[pname].grad, p.grad, atol=1e-6, rtol=0, msg=pname)
 
 
-class _Capture(fx.Interpreter):
-    """Runs the program with autograd on, keeping each block's outputs."""
-
-    def __init__(self, program):
-        super().__init__(program)
-        self.outputs = {}
-
-    def call_module(self, target, args, kwargs):
-        out = super().call_module(target, args, kwargs)
-        self.outputs[int(target.rsplit("_", 1)[1])] = out
-        return out
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_aux_loss_reaches_only_its_own_block(name):
     case = CASES[name]
     model, lm = _transform(case, 4)
     flat = lm.plan.traced.bind(case.inputs(4), case.kwargs(4))
     target = case.target(4)
-    run = _Capture(lm.program)
+    run = BlockOutputs(lm.program)
     with torch.enable_grad():
         run.run(*flat)
     owner = {}

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from localize.plan import Plan
 
 __all__ = [
+    "ReconstructionHead",
     "Option",
     "read_options",
     "require_plan",
@@ -605,6 +606,29 @@ class Decoder(nn.Module):
         if self.loss_name == "bce":
             return F.binary_cross_entropy_with_logits(recon, target)
         return F.mse_loss(recon, target)
+
+
+class ReconstructionHead(nn.Module):
+    """Shared by InfoPro and FeatRecon: ``forward`` predicts with the classifier; ``local_loss`` is
+    ``w_recon * decoder.loss(feature, reconstruction_target(ctx)) + w_cls * loss_fn(prediction, target)``."""
+
+    def __init__(self, decoder: nn.Module, classifier: nn.Module, weights: tuple[float, float]) -> None:
+        super().__init__()
+        self.decoder, self.classifier = decoder, classifier
+        self.weights = weights  # (reconstruction weight, classification weight)
+
+    def forward(self, feature: torch.Tensor) -> torch.Tensor:
+        return self.classifier(feature)
+
+    def reconstruction_target(self, ctx) -> torch.Tensor:
+        raise NotImplementedError
+
+    def local_loss(self, feature: torch.Tensor, target: torch.Tensor, ctx) -> torch.Tensor:
+        lam_recon, lam_cls = self.weights
+        loss = lam_cls * ctx.loss_fn(self.classifier(feature), target)
+        if lam_recon:
+            loss = loss + lam_recon * self.decoder.loss(feature, self.reconstruction_target(ctx))
+        return loss
 
 
 def reconstruction_decoder(

@@ -40,6 +40,7 @@ from torch import nn
 from localize.aux import AuxSpec, register_aux
 from localize.aux.common import (
     Option,
+    ReconstructionHead,
     adapter,
     find_units,
     input_layout,
@@ -63,7 +64,7 @@ OPTIONS = {
 }
 
 
-class FeatReconHead(nn.Module):
+class FeatReconHead(ReconstructionHead):
     """Output-head prediction in ``forward``; reconstruction + classification in ``local_loss``."""
 
     def __init__(
@@ -75,15 +76,10 @@ class FeatReconHead(nn.Module):
         target_name: str,
         weights: tuple[float, float],
     ) -> None:
-        super().__init__()
-        self.decoder, self.classifier = decoder, classifier
+        super().__init__(decoder, classifier, weights)
         self.source = source  # "block_inputs" (an activation) or "inputs" (a model input)
         self.index = index
         self.target_name = target_name
-        self.weights = weights
-
-    def forward(self, feature: torch.Tensor) -> torch.Tensor:
-        return self.classifier(feature)
 
     def reconstruction_target(self, ctx) -> torch.Tensor:
         values = ctx.block_inputs if self.source == "block_inputs" else ctx.inputs
@@ -93,13 +89,6 @@ class FeatReconHead(nn.Module):
                 f"compute its loss through LocalModel.train_step (or pass a LossContext)"
             )
         return values[self.index].detach()
-
-    def local_loss(self, feature: torch.Tensor, target: torch.Tensor, ctx) -> torch.Tensor:
-        lam_recon, lam_cls = self.weights
-        loss = lam_cls * ctx.loss_fn(self.classifier(feature), target)
-        if lam_recon:
-            loss = loss + lam_recon * self.decoder.loss(feature, self.reconstruction_target(ctx))
-        return loss
 
 
 def _classifier(spec: AuxSpec, plan) -> nn.Module:

@@ -48,6 +48,7 @@ from torch import nn
 from localize.aux import AuxSpec, register_aux
 from localize.aux.common import (
     Option,
+    ReconstructionHead,
     input_layout,
     is_float,
     is_int,
@@ -85,7 +86,7 @@ def interpolated(pair: tuple[float, float], block: int, blocks: int) -> float:
     return pair[0] * (1 - t) + pair[1] * t
 
 
-class InfoProHead(nn.Module):
+class InfoProHead(ReconstructionHead):
     """Classifier prediction in ``forward``; ``recon * lambda1 + cls * lambda2`` in ``local_loss``."""
 
     def __init__(
@@ -96,13 +97,8 @@ class InfoProHead(nn.Module):
         input_name: str,
         weights: tuple[float, float],
     ) -> None:
-        super().__init__()
-        self.decoder, self.classifier = decoder, classifier
+        super().__init__(decoder, classifier, weights)  # (lambda1 reconstruction, lambda2 classification)
         self.input_index, self.input_name = input_index, input_name
-        self.weights = weights  # (lambda1 for reconstruction, lambda2 for classification)
-
-    def forward(self, feature: torch.Tensor) -> torch.Tensor:
-        return self.classifier(feature)
 
     def reconstruction_target(self, ctx) -> torch.Tensor:
         if len(ctx.inputs) <= self.input_index:
@@ -111,13 +107,6 @@ class InfoProHead(nn.Module):
                 f"model inputs; compute its loss through LocalModel.train_step (or pass a LossContext)"
             )
         return ctx.inputs[self.input_index]
-
-    def local_loss(self, feature: torch.Tensor, target: torch.Tensor, ctx) -> torch.Tensor:
-        lam_recon, lam_cls = self.weights
-        loss = lam_cls * ctx.loss_fn(self.classifier(feature), target)
-        if lam_recon:
-            loss = loss + lam_recon * self.decoder.loss(feature, self.reconstruction_target(ctx))
-        return loss
 
 
 @register_aux("infopro")
