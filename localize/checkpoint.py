@@ -126,6 +126,8 @@ def save(lm: LocalModel, path: str | os.PathLike, *, data: dict[str, Any] | None
     """Write a checkpoint of ``lm`` (see the module docstring) atomically to ``path``."""
     import localize
 
+    if os.path.isdir(path):
+        raise CheckpointError(f"cannot write a checkpoint to {os.fspath(path)!r}: it is a folder; pass a file path")
     state = {
         "format": FORMAT,
         "versions": {"localize": localize.__version__, "torch": torch.__version__},
@@ -139,8 +141,6 @@ def save(lm: LocalModel, path: str | os.PathLike, *, data: dict[str, Any] | None
     }
     buffer = io.BytesIO()
     torch.save(state, buffer)  # serialise fully before touching the target file
-    if os.path.isdir(path):
-        raise CheckpointError(f"cannot write a checkpoint to {os.fspath(path)!r}: it is a folder; pass a file path")
     try:
         atomic_write_bytes(path, buffer.getvalue())
     except OSError as e:
