@@ -30,7 +30,7 @@ from rich.table import Table
 from torch.utils.checkpoint import checkpoint
 
 import localize
-from localize.memory import SavedActivationMeter
+from localize.runtime.memory import SavedActivationMeter
 from localize.zoo import ResNet2d
 
 

@@ -5,11 +5,12 @@ gradient-isolated blocks at legal, balanced cut points, generates an auxiliary h
 returns a :class:`LocalModel` whose ``train_step`` trains every block with its own local loss.
 """
 
-from localize.checkpoint import Checkpoint, load
+from localize.compiler.tracer import Traced, trace
+from localize.compiler.transform import transform
 from localize.errors import LocalizeError
-from localize.model import Block, LocalModel
-from localize.tracer import Traced, trace
-from localize.transform import transform
+from localize.runtime.checkpoint import Checkpoint, load
+from localize.runtime.model import Block, LocalModel
+from localize.version import __version__
 
 __all__ = [
     "Block",
@@ -22,5 +23,3 @@ __all__ = [
     "transform",
     "__version__",
 ]
-
-__version__ = "0.1.0"

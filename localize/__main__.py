@@ -2,6 +2,6 @@
 
 import sys
 
-from localize.cli import main
+from localize.cli.main import main
 
 sys.exit(main())

@@ -28,7 +28,20 @@ import torch
 
 from localize.errors import ConfigError, LocalizeError
 
-__all__ = ["Split", "mnist1d", "digits", "stdlib_text", "char_vocab", "char_dataset"]
+__all__ = [
+    "Split",
+    "batch_order",
+    "char_dataset",
+    "char_vocab",
+    "digits",
+    "epoch_batches",
+    "iterate_batches",
+    "mnist1d",
+    "num_batches",
+    "random_dataset",
+    "sequential_batches",
+    "stdlib_text",
+]
 
 Split = tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """``((x_train, y_train), (x_test, y_test))``."""
@@ -190,3 +203,93 @@ def char_dataset(
         return chunks[:, :-1].contiguous(), chunks[:, 1:].contiguous()
 
     return vocab, windows(0, split, num_train), windows(split, len(text), num_test)
+
+
+# ----------------------------------------------------------------------------- the order batches are drawn in
+# (the CLI, the distributed launcher and program.py all draw them here)
+
+
+def random_dataset(inputs, output_shape, num_train=512, num_test=128, seed=0):
+    """Random data shaped like the example inputs, for model files without ``dataset()``.
+
+    ``inputs`` lists ``(name, shape per sample, dtype name, high)``: floats are standard normal,
+    integers uniform in ``[0, high)``. Targets are class indices over the output's last dim.
+    Returns ``((xs, y), (xs_test, y_test))`` with ``xs`` a tuple of tensors.
+    """
+    generator = torch.Generator().manual_seed(seed)
+
+    def split(n):
+        xs = []
+        for _name, shape, dtype, high in inputs:
+            if high is None:
+                x = torch.randn((n, *shape), generator=generator)
+            else:
+                x = torch.randint(0, max(int(high), 1), (n, *shape), generator=generator)
+            xs.append(x.to(getattr(torch, dtype)))
+        y = torch.randint(0, output_shape[-1], (n, *output_shape[1:-1]), generator=generator)
+        return tuple(xs), y
+
+    return split(num_train), split(num_test)
+
+
+def batch_order(num_samples, batch_size, epoch, seed):
+    """One epoch's mini-batches of sample indices: a permutation seeded by ``(seed, epoch)``.
+
+    The last, smaller batch is dropped (batch-norm cannot train on one sample) unless it is the
+    only one.
+    """
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    batches = list(torch.randperm(num_samples, generator=generator).split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) < batch_size:
+        batches.pop()
+    return batches
+
+
+def epoch_batches(data, batch_size, epoch, seed):
+    """``(inputs, target)`` batches of one epoch, ``inputs`` a tuple of tensors.
+
+    Tensor data ``(x, y)`` (``x`` may be a tuple of tensors) is drawn in :func:`batch_order`;
+    anything else (a ``DataLoader``) is iterated as it is.
+    """
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], torch.Tensor):
+        x, y = data
+        xs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+        for index in batch_order(len(y), batch_size, epoch, seed):
+            yield tuple(t[index] for t in xs), y[index]
+    else:
+        for x, y in data:
+            yield (tuple(x) if isinstance(x, (tuple, list)) else (x,)), y
+
+
+def iterate_batches(data, batch_size, seed):
+    """:func:`epoch_batches` of epochs 0, 1, 2, ... without end."""
+    epoch = 0
+    while True:
+        empty = True
+        for batch in epoch_batches(data, batch_size, epoch, seed):
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("the training data has no batches")
+        epoch += 1
+
+
+def sequential_batches(data: Any, batch_size: int) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
+    """Evaluation batches in order, the last one kept."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], torch.Tensor):
+        x, y = data
+        xs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+        for start in range(0, len(y), batch_size):
+            yield tuple(t[start : start + batch_size] for t in xs), y[start : start + batch_size]
+    else:
+        yield from epoch_batches(data, batch_size, 0, 0)
+
+
+def num_batches(data: Any, batch_size: int) -> int | None:
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], torch.Tensor):
+        n = len(data[1])
+        return max(1, n // batch_size)
+    try:
+        return len(data)
+    except TypeError:
+        return None

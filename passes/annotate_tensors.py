@@ -17,7 +17,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.flop_counter import FlopCounterMode
 
-from localize.tracer import lmeta
+from localize.compiler.tracer import lmeta
 
 __all__ = ["ValueInfo", "annotate_tensors", "value_info"]
 

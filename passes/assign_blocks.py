@@ -17,9 +17,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from localize.compiler.tracer import lmeta
 from localize.passes.cost import params_of
 from localize.passes.find_cut_points import compute_nodes
-from localize.tracer import lmeta
 
 __all__ = ["DetachedCall", "assign_blocks", "parameter_owners"]
 

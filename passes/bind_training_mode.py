@@ -15,7 +15,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from localize.tracer import lmeta
+from localize.compiler.tracer import lmeta
 
 __all__ = ["TrainingFlag", "bind_training_mode", "MODE_ARGS"]
 

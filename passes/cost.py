@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from localize.compiler.tracer import lmeta
 from localize.passes.annotate_tensors import value_info
-from localize.tracer import lmeta
 
 __all__ = ["Cost", "annotate_costs", "node_cost", "params_of"]
 

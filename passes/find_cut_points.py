@@ -36,9 +36,9 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
+from localize.compiler.tracer import _clean_export_path, lmeta
 from localize.passes.annotate_tensors import value_info
 from localize.passes.cost import params_of
-from localize.tracer import _clean_export_path, lmeta
 
 __all__ = ["CutPoint", "compute_nodes", "dataflow_graph", "find_cut_points", "needs_grad"]
 

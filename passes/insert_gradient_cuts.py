@@ -14,8 +14,8 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.split_module import split_module
 
+from localize.compiler.tracer import lmeta
 from localize.passes.find_cut_points import needs_grad
-from localize.tracer import lmeta
 
 __all__ = ["insert_gradient_cuts", "source_of"]
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from localize.compiler.tracer import lmeta
 from localize.errors import PlanError
 from localize.passes.find_cut_points import compute_nodes
-from localize.tracer import lmeta
 
 __all__ = ["resolve_named_cuts"]
 

@@ -15,11 +15,11 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from localize.compiler.tracer import lmeta
 from localize.errors import VerificationError
 from localize.passes.cost import params_of
 from localize.passes.find_cut_points import COMPUTE_OPS, needs_grad
 from localize.passes.insert_gradient_cuts import source_of
-from localize.tracer import lmeta
 
 __all__ = ["verify_isolation"]
 

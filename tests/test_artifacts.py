@@ -19,11 +19,11 @@ import pytest
 import torch
 
 import localize
-from localize import artifacts
-from localize.cli import main, problems, summary_table
-from localize.codegen import OptimizerSpec
+from localize.cli.main import main, problems, summary_table
+from localize.codegen import artifacts
+from localize.codegen.modules import OptimizerSpec
 from localize.errors import ConfigError
-from localize.schedule import parse_schedule
+from localize.runtime.schedule import parse_schedule
 
 TINY = """
 import torch

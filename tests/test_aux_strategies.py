@@ -16,10 +16,10 @@ import torch
 
 import localize
 from localize.aux.auglocal import depth_schedule, sample_layers
-from localize.aux.common import find_units, last_unit_until
+from localize.compiler.tracer import lmeta
 from localize.errors import LocalizeError
-from localize.model import LossContext
-from localize.tracer import lmeta
+from localize.passes.find_units import find_units, last_unit_until
+from localize.runtime.model import LossContext
 from localize.zoo import GPT, ResNet1d, ResNet2d, ViT
 from tests.models import BlockOutputs, Case
 

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 import localize
-from localize.checkpoint import CheckpointError
 from localize.errors import ConfigError, InputError, PlanError, TargetError, TraceError
+from localize.runtime.checkpoint import CheckpointError
 from tests.models import CASES
 
 X = (torch.randn(4, 16),)

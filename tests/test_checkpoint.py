@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import localize
-from localize.checkpoint import CheckpointError
+from localize.runtime.checkpoint import CheckpointError
 from tests.models import CASES
 
 

@@ -1,6 +1,6 @@
 """The ``localize MODEL.py`` command: examples end to end, training output, and every bad input.
 
-The CLI runs in-process through ``localize.cli.main(argv) -> int``; a few tests start a real
+The CLI runs in-process through ``localize.cli.main.main(argv) -> int``; a few tests start a real
 subprocess to check what only a process shows (``python -m localize``, the exit code, stderr).
 """
 
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from localize.cli import build_parser, main
-from localize.schedule import parse_schedule
+from localize.cli.main import build_parser, main
+from localize.runtime.schedule import parse_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
@@ -337,12 +337,12 @@ def test_bad_input_in_real_processes(bad_dir: Path):
 
 
 def test_ctrl_c_leaves_no_output_and_exits_130(tiny: Path, tmp_path: Path, capsys, monkeypatch):
-    import localize.artifacts
+    import localize.codegen.artifacts
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(localize.artifacts, "write_graph", interrupted)  # in the middle of writing
+    monkeypatch.setattr(localize.codegen.artifacts, "write_graph", interrupted)  # in the middle of writing
     code, _, err = run_cli([tiny, "--blocks", "2", "--out", tmp_path / "o", "--no-onnx"], capsys)
     assert code == 130 and "interrupted" in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.py"]

@@ -19,11 +19,11 @@ import pytest
 import torch
 
 import localize
-import localize.codegen
-from localize.artifacts import block_inputs
-from localize.cli import localize_file, main
-from localize.loader import load_model_file
-from localize.train import iterate_batches, random_dataset
+import localize.codegen.modules
+from localize.cli.main import main
+from localize.codegen.artifacts import block_inputs
+from localize.compiler.model_file import load_model_file, localize_file
+from localize.data import iterate_batches, random_dataset
 from localize.zoo import ResNet2d
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,13 +175,13 @@ def test_block_files_rebuild_blocks_and_heads_of_a_resnet(tmp_path: Path):
     model = ResNet2d(in_channels=3, num_classes=5, widths=(8, 16), blocks_per_stage=(1, 1))
     example = (torch.randn(2, 3, 16, 16),)
     lm = localize.transform(model, blocks=4, example_inputs=example)
-    gen = localize.codegen.generate(lm)
+    gen = localize.codegen.modules.generate(lm)
     weights = gen.weights(lm)
     args = block_inputs(lm, lm.plan.traced.bind(example, {}))
     lm.eval()
     for block in lm.blocks:
         path = tmp_path / f"block_{block.index}.py"
-        path.write_text(localize.codegen.block_source(lm, block.index, gen))
+        path.write_text(localize.codegen.modules.block_source(lm, block.index, gen))
         module = _import_file(path)
         rebuilt = getattr(module, f"Block{block.index}")()
         rebuilt.load_state_dict(weights["blocks"][block.index], assign=True)
@@ -205,7 +205,7 @@ def test_readable_head_names_layers_after_their_type():
         example_inputs=(torch.randn(2, 3, 16, 16),),
     )
     head = lm.blocks[0].aux
-    gm = localize.codegen.readable_head(head)
+    gm = localize.codegen.modules.readable_head(head)
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     assert placeholders == ["feature"]
     names = [n.target for n in gm.graph.nodes if n.op == "call_module"]
@@ -231,16 +231,16 @@ def test_module_without_constructor_code_is_a_codegen_error():
 
     net = torch.nn.Sequential(torch.nn.Linear(4, 4), Custom())
     gm = torch.fx.GraphModule(net, Leafy().trace(net))
-    with pytest.raises(localize.codegen.CodegenError, match=r"module '1' .*Custom.* no one-line constructor"):
-        localize.codegen.module_code(gm, "Block0", "doc")
+    with pytest.raises(localize.codegen.modules.CodegenError, match=r"module '1' .*Custom.* no one-line constructor"):
+        localize.codegen.modules.module_code(gm, "Block0", "doc")
     # a torch.nn leaf is written as its constructor and rebuilds an equal module
-    code = localize.codegen.module_code(
+    code = localize.codegen.modules.module_code(
         torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(4, 2))), "B", "d"
     )
     assert "nn.Linear(in_features=4, out_features=2, bias=True)" in code.source
 
 
 def test_codegen_doctests():
-    for module in (localize.codegen, sys.modules["localize.loader"], sys.modules["localize.train"]):
+    for module in (localize.codegen.modules, sys.modules["localize.compiler.model_file"], sys.modules["localize.cli.train"]):
         result = doctest.testmod(module)
         assert result.failed == 0 and result.attempted > 0, module.__name__

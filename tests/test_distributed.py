@@ -26,10 +26,10 @@ import pytest
 import torch
 
 import localize
-from localize.dist_plan import Layout, stage_plan
-from localize.dist_wire import flatten_values, one_line, unflatten_values
+from localize.data import epoch_batches
 from localize.distributed import iter_batches, load_checkpoint, load_local_model, model_state_dict
-from localize.train import epoch_batches
+from localize.distributed.stages import Layout, stage_plan
+from localize.distributed.wire import flatten_values, one_line, unflatten_values
 
 # A model whose later blocks read values block 0 makes: the mask (a model input) and an int size.
 MASKED = """
@@ -371,7 +371,7 @@ def test_cli_distributed_flags_fail_in_one_line(files, tmp_path):
     ]
     for extra, world, message in cases:
         argv = [str(files["mlp"]), "--blocks", "2", "--distributed", "--out", str(tmp_path / "out"), *extra]
-        results = _wait(_launch_module("localize.cli", argv, world, ranks=min(world, 2)))
+        results = _wait(_launch_module("localize.cli.main", argv, world, ranks=min(world, 2)))
         assert all(code == 2 for code, _, _ in results), results
         lines = results[0][2].strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("localize: error: ") and message in lines[0], lines

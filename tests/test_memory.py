@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import localize
-from localize.memory import SavedActivationMeter
+from localize.runtime.memory import SavedActivationMeter
 from localize.zoo import ResNet2d
 
 

@@ -19,7 +19,7 @@ from torch import nn
 
 import localize
 from localize.errors import LocalizeError, TraceError
-from localize.loss import cross_entropy_last_dim
+from localize.runtime.loss import cross_entropy_last_dim
 from tests.zoo_models import ENTRIES, boundaries
 
 CASES = [(name, k) for name, e in ENTRIES.items() for k in e.blocks]

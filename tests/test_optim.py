@@ -1,4 +1,4 @@
-"""localize.optim SGD / AdamW against torch.optim: trajectories, state_dict interchange, errors."""
+"""localize.runtime.optim SGD / AdamW against torch.optim: trajectories, state_dict interchange, errors."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import localize.kernels as K
-import localize.optim as O
+import localize.runtime.optim as O
 from localize.errors import LocalizeError
 from localize.kernels._backend import INTERPRETER
 
@@ -222,11 +222,11 @@ def test_loading_unsupported_torch_settings_is_rejected():
     model = _Net()
     sd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, dampening=0.5).state_dict()
     with pytest.raises(
-        LocalizeError, match=r"localize.optim.SGD does not support dampening=0.5 .* torch.optim.SGD"
+        LocalizeError, match=r"localize.runtime.optim.SGD does not support dampening=0.5 .* torch.optim.SGD"
     ):
         O.SGD(model.parameters(), lr=0.1, momentum=0.9).load_state_dict(sd)
     sd = torch.optim.AdamW(model.parameters(), amsgrad=True).state_dict()
-    with pytest.raises(LocalizeError, match=r"localize.optim.AdamW does not support amsgrad=True"):
+    with pytest.raises(LocalizeError, match=r"localize.runtime.optim.AdamW does not support amsgrad=True"):
         O.AdamW(model.parameters()).load_state_dict(sd)
 
 

@@ -14,7 +14,7 @@ import localize
 from localize.passes.balance_blocks import balance_blocks
 from localize.passes.cost import node_cost
 from localize.passes.find_cut_points import compute_nodes
-from localize.schedule import parse_schedule, sequential_schedule
+from localize.runtime.schedule import parse_schedule, sequential_schedule
 
 
 def _chain(widths: list[int]) -> nn.Module:

@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import localize
+from localize.compiler.tracer import lmeta
 from localize.errors import PlanError
 from localize.passes.find_cut_points import compute_nodes
-from localize.tracer import lmeta
 from tests.models import BlockOutputs
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from localize.cli import main
+from localize.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -212,8 +212,7 @@ def test_resume_refuses_a_different_run(
 
 def test_checkpoint_without_training_position_is_refused(model_file: Path, tmp_path: Path, capsys):
     import localize
-    from localize.cli import localize_file
-    from localize.loader import load_model_file
+    from localize.compiler.model_file import load_model_file, localize_file
 
     lm, _ = localize_file(load_model_file(str(model_file)), blocks=2, seed=3)
     lm.save(str(tmp_path / "api.pt"))  # a checkpoint from the API: no data position

@@ -107,7 +107,7 @@ def test_aux_loss_reaches_only_its_own_block(name):
 def test_resnet_boundaries_lie_between_residual_blocks():
     case = CASES["resnet2d"]
     model, lm = _transform(case, 4)
-    from localize.tracer import lmeta
+    from localize.compiler.tracer import lmeta
 
     for a, b in zip(lm.blocks, lm.blocks[1:]):
         last = lmeta(next(n for n in lm.plan.gm.graph.nodes if n.name == a.plan.nodes[-1]))["module"]
@@ -122,7 +122,7 @@ def test_named_cuts_start_blocks_at_modules():
     case = CASES["resnet2d"]
     model, lm = _transform(case, None, cuts=["layer2", "layer4"])
     assert len(lm.blocks) == 3
-    from localize.tracer import lmeta
+    from localize.compiler.tracer import lmeta
 
     firsts = [lmeta(next(n for n in lm.plan.gm.graph.nodes if n.name == b.plan.nodes[0]))["module"] for b in lm.blocks]
     assert firsts == ["conv1", "layer2.0.conv1", "layer4.0.conv1"]
@@ -235,7 +235,7 @@ def test_a_batch_size_fixed_by_the_model_code_is_explained():
 
 @pytest.mark.parametrize("name,torch_cls,kw", [("sgd", torch.optim.SGD, {"momentum": 0.9}), ("adamw", torch.optim.AdamW, {})])
 def test_named_optimizers_are_localize_optim_and_match_torch(name, torch_cls, kw):
-    from localize import optim
+    from localize.runtime import optim
 
     case = CASES["resnet1d"]
     a_model, a = _transform(case, 2, optimizer=name, lr=0.01)

@@ -731,8 +731,8 @@ ENTRIES: dict[str, Entry] = {
 def boundaries(lm) -> list[str]:
     """Each chosen cut as ``last module before | first module after``, shortened to the level where
     the two module paths part (``layer1 | layer2``, ``transformer.h.1 | transformer.h.2``)."""
+    from localize.compiler.tracer import lmeta
     from localize.passes.find_cut_points import compute_nodes
-    from localize.tracer import lmeta
 
     # positions number the compute nodes find_cut_points saw (later passes add flag/detach nodes)
     nodes = [n for n in compute_nodes(lm.plan.gm) if "position" in lmeta(n)]

@@ -39,21 +39,20 @@ from __future__ import annotations
 
 from torch import nn
 
-from localize.aux import AuxSpec, register_aux
 from localize.aux.common import (
     Option,
     adapter,
-    find_units,
     is_float,
     is_int,
-    last_unit_until,
     layer_copy,
-    output_head,
     read_options,
     require_plan,
     stand_in_layer,
 )
+from localize.aux.registry import AuxSpec, register_aux
 from localize.errors import ConfigError
+from localize.passes.find_units import find_units, last_unit_until
+from localize.passes.output_head import output_head
 
 __all__ = ["auglocal_head", "depth_schedule", "sample_layers", "AugLocalHead"]
 

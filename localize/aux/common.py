@@ -1,67 +1,43 @@
-"""What the published strategies share: the model's repeated units, fresh copies of its modules, a
-copy of its output head, shape adapters, reconstruction decoders and option checking.
-
-*Units* are the model's repeated layers (residual blocks, transformer layers): the children of
-``nn.Sequential`` / ``nn.ModuleList`` / ``nn.ModuleDict`` containers, outermost first, whose module
-type occurs at least twice (so ``layer1.0`` ... ``layer3.1``, ``layers.3``, ``transformer.h.2``; a
-lone ``classifier`` Sequential's parts are not units). They are ordered by first use in the graph.
-The *output head* is what the model computes after its last unit (pooling + classifier, final
-norm + LM head), taken as a slice of the flat graph so that functional ops such as ``x[:, 0]``
-come along.
-
->>> import torch, localize
->>> from localize.zoo import ResNet1d
->>> from localize.aux.common import find_units
->>> lm = localize.transform(ResNet1d(1, 10, widths=(8, 16), blocks_per_stage=(2, 1)), blocks=2,
-...                         example_inputs=(torch.randn(2, 1, 40),))
->>> [(u.path, u.output_shape[1:]) for u in find_units(lm.plan)]
-[('layer1.0', (8, 40)), ('layer1.1', (8, 40)), ('layer2.0', (16, 20))]
+"""What the published strategies share to build heads: option checking, copies of the model's
+layers, shape adapters and reconstruction decoders. The graph analyses they read (units, the
+output head, model inputs, layouts) are passes: :mod:`localize.passes.find_units`,
+:mod:`~localize.passes.output_head`, :mod:`~localize.passes.model_input`,
+:mod:`~localize.passes.infer_layout`.
 """
 
 from __future__ import annotations
 
-import copy
 import math
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from localize.aux import AuxSpec
+from localize.aux.registry import AuxSpec
 from localize.errors import ConfigError
-from localize.tracer import lmeta
+from localize.passes.find_units import Unit
+from localize.passes.output_head import fresh_copy
 
 if TYPE_CHECKING:
-    from localize.plan import Plan
+    from localize.compiler.plan import Plan
 
 __all__ = [
     "ReconstructionHead",
     "Option",
     "read_options",
     "require_plan",
-    "Unit",
-    "find_units",
-    "last_unit_until",
-    "first_unit_of",
-    "fresh_copy",
     "FirstTensor",
     "layer_copy",
-    "OutputHead",
-    "output_head",
+    "stand_in_layer",
     "adapter",
     "Decoder",
     "reconstruction_decoder",
-    "model_input",
-    "input_layout",
     "interpolate",
 ]
 
-_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
@@ -132,131 +108,25 @@ def require_plan(spec: AuxSpec, strategy: str) -> Plan:
 # ----------------------------------------------------------------------------------------------- units
 
 
-@dataclass(frozen=True)
-class Unit:
-    """One repeated layer of the model, as the flat graph runs it."""
-
-    index: int
-    path: str  # module path in the user's model
-    nodes: frozenset[str]  # flat-graph compute nodes it owns
-    input: str | None  # the activation it reads (None when it reads no float tensor)
-    output: str  # the activation it hands on
-    input_shape: tuple[int, ...] | None
-    output_shape: tuple[int, ...]
-    input_layout: str | None
-    output_layout: str
-    blocks: tuple[int, ...]  # blocks its nodes lie in (one: cuts never split a unit)
 
 
-def _unit_paths(model: nn.Module) -> list[str]:
-    children = []
-    for path, module in model.named_modules():
-        if isinstance(module, _CONTAINERS):
-            children += [f"{path}.{name}" if path else name for name, _ in module.named_children()]
-    candidates = set(children)
-    outer = [p for p in children if not any(p.startswith(q + ".") for q in candidates)]
-    types = Counter(type(model.get_submodule(p)) for p in outer)
-    return [p for p in outer if types[type(model.get_submodule(p))] >= 2]
 
 
-def find_units(plan: Plan) -> list[Unit]:
-    """The model's repeated units, ordered by first use in the flat graph (cached on the plan)."""
-    cached = plan.__dict__.get("_localize_units")
-    if cached is not None:
-        return cached
-    from localize.passes.annotate_tensors import value_info
-    from localize.passes.insert_aux_heads import infer_layout
-
-    paths = _unit_paths(plan.model)
-    owner: dict[fx.Node, str] = {}
-    first: dict[str, int] = {}
-    compute = [n for n in plan.gm.graph.nodes if n.op in ("call_module", "call_function", "call_method")]
-    order = {n: i for i, n in enumerate(plan.gm.graph.nodes)}
-    by_prefix = sorted(paths, key=len, reverse=True)
-    for node in compute:
-        module = lmeta(node).get("module") or ""
-        path = next((p for p in by_prefix if module == p or module.startswith(p + ".")), None)
-        if path is not None:
-            owner[node] = path
-            first.setdefault(path, order[node])
-    units = []
-    for path in sorted(first, key=first.__getitem__):
-        nodes = [n for n, p in owner.items() if p == path]
-        names = {n.name for n in nodes}
-        outside = [
-            a for n in nodes for a in n.all_input_nodes if a.name not in names and a.op not in ("get_attr",)
-        ]
-        inp = _main_activation(outside, value_info)
-        handed = [n for n in nodes if any(u.name not in names for u in n.users) and _is_float(n, value_info)]
-        out = max(handed or nodes, key=order.__getitem__)
-        out_info = value_info(out)
-        if out_info is None or not out_info.is_tensor:
-            continue
-        blocks = tuple(sorted({lmeta(n).get("block", 0) for n in nodes}))
-        units.append(
-            Unit(
-                index=len(units),
-                path=path,
-                nodes=frozenset(names),
-                input=inp.name if inp is not None else None,
-                output=out.name,
-                input_shape=value_info(inp).shape if inp is not None else None,
-                output_shape=out_info.shape,
-                input_layout=infer_layout(plan.gm, inp) if inp is not None else None,
-                output_layout=infer_layout(plan.gm, out),
-                blocks=blocks,
-            )
-        )
-    plan.__dict__["_localize_units"] = units
-    return units
 
 
-def _is_float(node: fx.Node, value_info) -> bool:
-    info = value_info(node)
-    return info is not None and info.is_tensor and info.floating
 
 
-def _main_activation(nodes: list[fx.Node], value_info) -> fx.Node | None:
-    floats = [n for n in dict.fromkeys(nodes) if _is_float(n, value_info)]
-    if not floats:
-        return None
-    return max(floats, key=lambda n: (value_info(n).requires_grad, value_info(n).nbytes))
 
 
-def last_unit_until(units: list[Unit], block: int) -> int:
-    """Index of the last unit that lies entirely in blocks ``<= block`` (-1 when none does)."""
-    done = [u.index for u in units if max(u.blocks) <= block]
-    return max(done) if done else -1
 
 
-def first_unit_of(units: list[Unit], block: int) -> Unit | None:
-    """The first unit whose nodes lie in ``block``."""
-    return next((u for u in units if block in u.blocks), None)
 
 
 # ----------------------------------------------------------------------------------------------- copies
 
 
-@torch.no_grad()
-def reinitialise(module: nn.Module, model: nn.Module | None = None) -> nn.Module:
-    """Draw fresh weights: ``reset_parameters()`` where a module has it, then the model's own
-    ``_init_weights`` (the Hugging Face convention) when it defines one."""
-    for m in module.modules():
-        reset = getattr(m, "reset_parameters", None)
-        if callable(reset):
-            reset()
-    init = getattr(model, "_init_weights", None)
-    if callable(init):
-        module.apply(init)
-    return module
 
 
-def fresh_copy(module: nn.Module, model: nn.Module | None = None, reinit: bool = True) -> nn.Module:
-    """A deep copy of ``module`` (same types and configuration, no shared storage), re-initialised."""
-    clone = copy.deepcopy(module)
-    for p in clone.parameters():
-        p.requires_grad_(True)
-    return reinitialise(clone, model) if reinit else clone
 
 
 def first_tensor(value: Any) -> torch.Tensor:
@@ -365,78 +235,12 @@ def _dtype_device(plan: Plan) -> tuple[torch.dtype, torch.device]:
 # ----------------------------------------------------------------------------------------------- output head
 
 
-@dataclass
-class OutputHead:
-    """A fresh copy of what the model computes after its last unit, and the input it expects."""
-
-    module: nn.Module
-    input_shape: tuple[int, ...]
-    input_layout: str
 
 
-class _Unsupported(Exception):
-    pass
 
 
-def output_head(plan: Plan, units: list[Unit], *, reinit: bool = True) -> OutputHead | None:
-    """Slice the flat graph from the last unit's output to the model output into a GraphModule of
-    fresh module and parameter copies. None when that part reads more than the last unit's
-    output (a skip from the model input, a mask computed from the inputs)."""
-    from localize.passes.annotate_tensors import value_info
-    from localize.passes.insert_aux_heads import infer_layout
-
-    if not units or plan.output_shape is None:
-        return None
-    gm = plan.gm
-    by_name = {n.name: n for n in gm.graph.nodes}
-    start = by_name[units[-1].output]
-    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-    leaf = out.args[0][plan.output_index]
-    unit_nodes = set().union(*(u.nodes for u in units))
-    keep: set[fx.Node] = set()
-    stack = [leaf]
-    try:
-        while stack:
-            n = stack.pop()
-            if n is start or n in keep:
-                continue
-            if n.op == "placeholder" or n.name in unit_nodes:
-                raise _Unsupported(n.name)
-            keep.add(n)
-            stack.extend(n.all_input_nodes)
-    except _Unsupported:
-        return None
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {start: graph.placeholder("feature")}
-    root: dict[str, Any] = {}
-    owners: dict[str, nn.Module] = {}
-    for n in sorted(keep, key=order.__getitem__):
-        if n.op == "call_module":
-            root[n.target] = fresh_copy(gm.get_submodule(n.target), plan.model, reinit)
-        elif n.op == "get_attr":
-            root[n.target] = _fresh_attr(plan, gm, n.target, owners, reinit)
-        env[n] = graph.node_copy(n, lambda a: env[a])
-    graph.output(env[leaf])
-    module = fx.GraphModule(root, graph, "OutputHead")
-    return OutputHead(module, value_info(start).shape, infer_layout(gm, start))
 
 
-def _fresh_attr(plan: Plan, gm: fx.GraphModule, target: str, owners: dict[str, nn.Module], reinit: bool):
-    owner_path, _, name = target.rpartition(".")
-    value = gm
-    for part in target.split("."):
-        value = getattr(value, part)
-    try:
-        owner = plan.model.get_submodule(owner_path) if owner_path else None
-    except AttributeError:
-        owner = None
-    if owner is not None and isinstance(getattr(owner, name, None), nn.Parameter) and owner_path:
-        if owner_path not in owners:
-            owners[owner_path] = fresh_copy(owner, plan.model, reinit)
-        return getattr(owners[owner_path], name)
-    clone = value.detach().clone()
-    return nn.Parameter(clone, requires_grad=True) if isinstance(value, nn.Parameter) else clone
 
 
 # ----------------------------------------------------------------------------------------------- adapters
@@ -491,99 +295,10 @@ def interpolate(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------- reconstruction
 
 
-def model_input(plan: Plan, name: str | None, strategy: str) -> tuple[int, fx.Node, int | None]:
-    """(index among the model's inputs, placeholder, vocabulary size for token ids or None).
-
-    ``name=None`` picks the first float input, else the first integer input read by an embedding.
-    """
-    from localize.passes.annotate_tensors import value_info
-
-    placeholders = [n for n in plan.gm.graph.nodes if n.op == "placeholder"]
-    names = [n.target for n in placeholders]
-    if name is not None:
-        if name not in names:
-            raise ConfigError(
-                f"aux={strategy!r} option input={name!r} is not a model input; valid inputs are {names}"
-            )
-        candidates = [placeholders[names.index(name)]]
-    else:
-        floats = [n for n in placeholders if _is_float(n, value_info)]
-        tokens = [n for n in placeholders if _vocab(plan, n) is not None]
-        candidates = floats[:1] or tokens[:1]
-    if not candidates:
-        raise ConfigError(
-            f"aux={strategy!r} reconstructs a model input, but the model has no float input and no token ids "
-            f"read by an embedding (inputs {names}); pick one with aux_options={{'input': ...}} or use aux='dgl'"
-        )
-    node = candidates[0]
-    info = value_info(node)
-    if info is None or not info.is_tensor:
-        raise ConfigError(f"aux={strategy!r}: model input {node.target!r} is not a tensor")
-    vocab = None if info.floating else _vocab(plan, node)
-    if not info.floating and vocab is None:
-        raise ConfigError(
-            f"aux={strategy!r}: integer input {node.target!r} is not read by an embedding, so there is nothing "
-            f"to reconstruct; choose a float input with aux_options={{'input': ...}}"
-        )
-    return placeholders.index(node), node, vocab
 
 
-def input_layout(plan: Plan, node: fx.Node) -> str:
-    """Layout of a model input, read from the first op after it that fixes one (a conv reads
-    channels-first, a linear channels-last); by rank when none does."""
-    from localize.passes.annotate_tensors import value_info
-    from localize.passes.insert_aux_heads import _FIRST, _LAST, _op_name
-
-    info = value_info(node)
-    ndim = len(info.shape) if info is not None and info.is_tensor else 0
-    if ndim <= 2:
-        return "flat"
-    seen, frontier = set(), list(node.users)
-    while frontier and len(seen) <= 64:
-        n = frontier.pop(0)
-        if n in seen or n.op not in ("call_module", "call_function", "call_method"):
-            continue
-        seen.add(n)
-        name = _op_name(plan.gm, n)
-        if any(k in name for k in _FIRST):
-            return "channels_first"
-        if any(k in name for k in _LAST):
-            return "channels_last"
-        frontier.extend(n.users)
-    return "channels_first" if ndim >= 4 else "channels_last"
 
 
-def _vocab(plan: Plan, node: fx.Node) -> int | None:
-    """Rows of the embedding that reads token ids ``node`` (through views), if any."""
-    from localize.passes.annotate_tensors import value_info
-
-    seen, frontier = set(), [node]
-    while frontier:
-        n = frontier.pop()
-        if n in seen or len(seen) > 32:
-            continue
-        seen.add(n)
-        for user in n.users:
-            if user.op == "call_module":
-                mod = plan.gm.get_submodule(user.target)
-                if isinstance(mod, nn.Embedding):
-                    return mod.num_embeddings
-            name = getattr(user.target, "__name__", str(user.target))
-            if "embedding" in name and user.args and isinstance(user.args[0], fx.Node):
-                weight = user.args[0]
-                while weight.op in ("call_method", "call_function") and "detach" in str(weight.target):
-                    weight = weight.args[0]  # a tied weight is read through a detach
-                if weight.op == "get_attr":
-                    value = plan.gm
-                    for part in weight.target.split("."):
-                        value = getattr(value, part)
-                    return int(value.shape[0])
-                info = value_info(weight)
-                if info is not None and info.is_tensor and len(info.shape) == 2:
-                    return int(info.shape[0])
-            if "view" in name or "reshape" in name or name in ("to", "long", "int", "contiguous"):
-                frontier.append(user)
-    return None
 
 
 class Decoder(nn.Module):

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from localize.aux import AuxSpec, register_aux
 from localize.aux.common import Option, is_float, is_int, read_options
+from localize.aux.registry import AuxSpec, register_aux
 from localize.errors import ConfigError, TargetError
 
 __all__ = ["drtp_head", "DRTPHead"]

@@ -37,23 +37,23 @@ import dataclasses
 import torch
 from torch import nn
 
-from localize.aux import AuxSpec, register_aux
 from localize.aux.common import (
     Option,
     ReconstructionHead,
     adapter,
-    find_units,
-    input_layout,
     is_float,
     is_int,
-    model_input,
-    output_head,
     read_options,
     reconstruction_decoder,
     require_plan,
 )
 from localize.aux.heads import dgl_head
+from localize.aux.registry import AuxSpec, register_aux
 from localize.errors import LocalizeError
+from localize.passes.find_units import find_units
+from localize.passes.infer_layout import input_layout
+from localize.passes.model_input import model_input
+from localize.passes.output_head import output_head
 
 __all__ = ["featrecon_head", "FeatReconHead"]
 
@@ -105,7 +105,7 @@ def featrecon_head(spec: AuxSpec) -> nn.Module:
     opts = read_options("featrecon", spec.options, OPTIONS)
     plan = require_plan(spec, "featrecon")
     from localize.passes.annotate_tensors import value_info
-    from localize.passes.insert_aux_heads import infer_layout
+    from localize.passes.infer_layout import infer_layout
 
     by_name = {n.name: n for n in plan.gm.graph.nodes}
     bp = plan.blocks[spec.block]
@@ -130,7 +130,7 @@ def featrecon_head(spec: AuxSpec) -> nn.Module:
         layout = infer_layout(plan.gm, node)
     else:  # the first block reads the model input
         index, node, vocab = model_input(plan, None, "featrecon")
-        source, layout = "inputs", input_layout(plan, node)
+        source, layout = "inputs", input_layout(plan.gm, node)
     decoder = reconstruction_decoder(
         spec.feature_shape,
         spec.feature_layout,

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from localize.aux import AuxSpec, register_aux
+from localize.aux.registry import AuxSpec, register_aux
 from localize.errors import ConfigError
 
 __all__ = ["Pool", "dgl_head", "linear_head", "output_adapter"]

@@ -26,7 +26,7 @@ Options:
     12 as in the paper), ``width`` and ``pool`` (the classifier's, defaults 128 and 4).
 
 The head's ``forward`` gives the classifier's prediction; its ``local_loss`` reads the model's
-inputs from the :class:`~localize.model.LossContext` that ``train_step`` passes.
+inputs from the :class:`~localize.runtime.model.LossContext` that ``train_step`` passes.
 
 Example:
     >>> import torch, localize
@@ -45,21 +45,21 @@ import dataclasses
 import torch
 from torch import nn
 
-from localize.aux import AuxSpec, register_aux
 from localize.aux.common import (
     Option,
     ReconstructionHead,
-    input_layout,
     is_float,
     is_int,
     is_pair,
-    model_input,
     read_options,
     reconstruction_decoder,
     require_plan,
 )
 from localize.aux.heads import dgl_head
+from localize.aux.registry import AuxSpec, register_aux
 from localize.errors import LocalizeError
+from localize.passes.infer_layout import input_layout
+from localize.passes.model_input import model_input
 
 __all__ = ["infopro_head", "InfoProHead", "interpolated"]
 
@@ -120,7 +120,7 @@ def infopro_head(spec: AuxSpec) -> nn.Module:
         spec.feature_shape,
         spec.feature_layout,
         value_info(node).shape,
-        input_layout(plan, node),
+        input_layout(plan.gm, node),
         vocab=vocab,
         width=opts["decoder_width"],
         loss=opts["recon_loss"],

@@ -40,13 +40,10 @@ import dataclasses
 import torch
 from torch import nn
 
-from localize.aux import AuxSpec, register_aux
 from localize.aux.common import (
     FirstTensor,
     Option,
     adapter,
-    find_units,
-    first_unit_of,
     is_float,
     is_int,
     layer_copy,
@@ -54,7 +51,9 @@ from localize.aux.common import (
     require_plan,
 )
 from localize.aux.heads import dgl_head
+from localize.aux.registry import AuxSpec, register_aux
 from localize.kernels import ema_update
+from localize.passes.find_units import find_units, first_unit_of
 
 __all__ = ["man_head", "MANHead", "parameters_to_buffers"]
 

@@ -13,7 +13,7 @@ their layers renamed after their type (``conv2d_1``, ``linear_5``) so the code r
 Example:
     >>> import torch, localize
     >>> from collections import OrderedDict
-    >>> from localize.codegen import block_source
+    >>> from localize.codegen.modules import block_source
     >>> net = torch.nn.Sequential(OrderedDict(fc1=torch.nn.Linear(4, 8), act=torch.nn.ReLU(),
     ...                                       fc2=torch.nn.Linear(8, 3)))
     >>> lm = localize.transform(net, blocks=2, example_inputs=(torch.randn(2, 4),))
@@ -51,10 +51,10 @@ import torch.fx as fx
 from torch import nn
 
 import localize
+from localize.compiler.tracer import lmeta
 from localize.errors import LocalizeError
-from localize.model import LocalModel
 from localize.passes.bind_training_mode import TrainingFlag
-from localize.tracer import lmeta
+from localize.runtime.model import LocalModel
 
 __all__ = [
     "CodegenError",
@@ -443,7 +443,7 @@ class OptimizerSpec:
 
     @staticmethod
     def build(name: str, lr: float | None) -> OptimizerSpec:
-        from localize import optim
+        from localize.runtime import optim
 
         opt = optim.build_optimizer(name, [nn.Parameter(torch.zeros(1))], lr=lr)
         d = opt.defaults
@@ -468,7 +468,7 @@ def program_source(
     gen: Generated | None = None,
 ) -> str:
     """``program.py``: trains ``lm`` from the weights in ``gen.weights(lm)`` (saved as weights.pt)."""
-    from localize import train as train_module
+    from localize.cli import train as train_module
 
     parts = gen or generate(lm)
     if parts.first_error() is not None:
@@ -510,7 +510,7 @@ def program_source(
         text += inline + "\n\n"
     text += classes + "\n\n"
     text += _build_source(lm, parts)
-    text += _SECTION.format(title="loss and optimizers (localize.optim's math on localize.kernels)")
+    text += _SECTION.format(title="loss and optimizers (localize.runtime.optim's math on localize.kernels)")
     text += _LOSS_AND_OPTIMIZERS
     text += _optimizers_source(lm, optimizer)
     text += _SECTION.format(title=f"the schedule: {lm.schedule}")

@@ -29,7 +29,7 @@ same LocalModel on every rank (same seed) and call :func:`train`::
     # on rank 0, lm now holds every block's trained parameters
 
 A rank that dies or hangs makes the others stop within the process-group ``timeout`` with a
-:class:`~localize.dist_wire.PeerError` naming both ranks; one that never joins, after
+:class:`~localize.distributed.wire.PeerError` naming both ranks; one that never joins, after
 ``startup_timeout``.
 """
 
@@ -53,10 +53,10 @@ import torch.distributed as dist
 import torch.fx as fx
 from torch import nn
 
-from localize.dist_plan import Layout, StagePlan, stage_plan
-from localize.dist_wire import Link, Op, PeerError, one_line
+from localize.distributed.stages import Layout, StagePlan, stage_plan
+from localize.distributed.wire import Link, Op, PeerError, one_line
 from localize.errors import ConfigError, LocalizeError, PlanError, TraceError, VerificationError
-from localize.model import LocalModel, LossContext, NonFiniteLossError, _make_optimizer
+from localize.runtime.model import LocalModel, LossContext, NonFiniteLossError, _make_optimizer
 
 __all__ = [
     "DistributedResult",
@@ -831,7 +831,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_cli(args: argparse.Namespace) -> int:
     """``localize MODEL.py --blocks K --train --distributed``: this rank's part; returns the exit code.
 
-    :mod:`localize.cli` calls it on every rank torchrun starts, with its parsed arguments. Every
+    :mod:`localize.cli.main` calls it on every rank torchrun starts, with its parsed arguments. Every
     rank builds the model as ``localize --train`` does (seeded, same ``transform`` options); stage 0
     reads ``dataset()``'s training split in the batches ``--train`` uses (the same order for the same
     ``--seed``); each stage trains its block; rank 0 writes ``block<s>.pt``, the assembled
@@ -919,7 +919,7 @@ def _cli_options(args: argparse.Namespace) -> tuple[int, list[str] | None, str]:
 
 
 def _cli_out(args: argparse.Namespace) -> Path:
-    from localize.loader import split_spec
+    from localize.compiler.model_file import split_spec
 
     path, _ = split_spec(args.model)
     out = Path(args.out) if args.out else Path("localize_out") / Path(path).stem
@@ -934,7 +934,7 @@ def _cli_out(args: argparse.Namespace) -> Path:
 
 def _cli_data(args: argparse.Namespace, mf: Any) -> Callable[[int], Iterable]:
     """Epoch -> the batches ``localize --train`` draws (seeded by ``--seed`` and the epoch)."""
-    from localize.train import epoch_batches
+    from localize.data import epoch_batches
 
     if not mf.has_dataset:
         raise ConfigError(f"{args.model} defines no dataset(); add `def dataset(): return (train, test)`")
@@ -972,8 +972,10 @@ def load_local_model(
 
     Seeded before the model is built, so every rank (and an in-process reference) gets the same one.
     """
-    from localize.cli import localize_file  # the CLI's own compile step: same model, same RNG draws
-    from localize.loader import load_model_file
+    from localize.compiler.model_file import (
+        load_model_file,
+        localize_file,  # the CLI's compile step: same RNG draws
+    )
 
     mf = load_model_file(spec)
     lm, _ = localize_file(
@@ -991,11 +993,3 @@ def _build_from_file(args: argparse.Namespace) -> tuple[LocalModel, Any]:
     if not mf.has_dataset:
         raise ConfigError(f"{args.model} defines no dataset(); add `def dataset(): return (train, test)`")
     return lm, mf.dataset()[0]
-
-
-if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # After a peer died, process-group teardown at interpreter exit can block: leave at once.
-    os._exit(code)

@@ -5,7 +5,7 @@ Every artifact is a function of a :class:`~localize.LocalModel` (and the model f
 * ``plan.json`` (:func:`plan_document`): blocks, cuts, schedule, versions; schema in
   ``localize/plan.schema.json``;
 * ``schedule.txt``: the schedule as compact actions (``B0:F B0:L B0:U ...``);
-* ``block_<i>.py``, ``program.py``, ``weights.pt``: generated code (:mod:`localize.codegen`),
+* ``block_<i>.py``, ``program.py``, ``weights.pt``: generated code (:mod:`localize.codegen.modules`),
   checked by running it against the blocks;
 * ``graph.svg`` (``graph.dot`` without Graphviz's ``dot``): the graph, blocks coloured, cuts marked;
 * ``block_<i>.onnx`` (:func:`export_onnx`): each block with its aux head, checked with
@@ -41,12 +41,12 @@ import torch.fx as fx
 from torch import nn
 
 import localize
-from localize.codegen import CodegenError, OptimizerSpec, block_source, generate, program_source
+from localize.codegen.modules import CodegenError, OptimizerSpec, block_source, generate, program_source
+from localize.compiler.tracer import lmeta
 from localize.errors import ConfigError, VerificationError
-from localize.model import LocalModel
 from localize.passes.annotate_tensors import value_info
-from localize.schedule import parse_schedule
-from localize.tracer import lmeta
+from localize.runtime.model import LocalModel
+from localize.runtime.schedule import parse_schedule
 
 __all__ = [
     "ONNX_TOLERANCE",

@@ -5,7 +5,7 @@ computes its local loss (aux head, or the model output for the last block) and b
 inside the block, ``U`` applies the block's optimizer update and frees its graph.
 
 Example:
-    >>> from localize.schedule import sequential_schedule, parse_schedule
+    >>> from localize.runtime.schedule import sequential_schedule, parse_schedule
     >>> s = sequential_schedule(2)
     >>> str(s)
     'B0:F B0:L B0:U B1:F B1:L B1:U'

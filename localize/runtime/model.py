@@ -13,13 +13,14 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from localize.compiler.plan import BlockPlan, Plan
+from localize.compiler.tracer import lmeta
 from localize.errors import ConfigError, InputError, LocalizeError, TargetError
-from localize.loss import LossFn
 from localize.passes.cost import params_of
 from localize.passes.find_cut_points import compute_nodes
-from localize.plan import BlockPlan, Plan
-from localize.schedule import ActionKind, Schedule, sequential_schedule
-from localize.tracer import lmeta
+from localize.runtime import checkpoint
+from localize.runtime.loss import LossFn
+from localize.runtime.schedule import ActionKind, Schedule, sequential_schedule
 
 __all__ = ["Block", "LocalModel", "LossContext", "NonFiniteLossError"]
 
@@ -173,9 +174,7 @@ class LocalModel(nn.Module):
     def save(self, path: str, *, data: dict[str, Any] | None = None) -> None:
         """Checkpoint model, heads, optimizer and RNG states, the step and ``data`` (e.g. the
         epoch and batch reached) atomically to ``path``; restore with ``localize.load(path, into=lm)``."""
-        from localize.checkpoint import save
-
-        save(self, path, data=data)
+        checkpoint.save(self, path, data=data)
 
     # ------------------------------------------------------------------ nn.Module behaviour
 

@@ -9,7 +9,7 @@ stages 1 and 2. The model output node is not run: each stage only computes its o
 
 Example:
     >>> import torch, localize
-    >>> from localize.dist_plan import Layout, stage_plan
+    >>> from localize.distributed.stages import Layout, stage_plan
     >>> net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16),
     ...                           torch.nn.ReLU(), torch.nn.Linear(16, 3))
     >>> lm = localize.transform(net, blocks=2, example_inputs=(torch.randn(4, 8),))
@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
+from localize.compiler.tracer import lmeta
 from localize.errors import ConfigError
-from localize.tracer import lmeta
 
 __all__ = ["Layout", "StagePlan", "stage_plan", "reads_model_inputs"]
 
@@ -114,7 +114,7 @@ def reads_model_inputs(head) -> bool:
 
 
 def stage_plan(lm) -> StagePlan:
-    """Assign every program node of ``lm`` (a :class:`~localize.model.LocalModel`) to a stage."""
+    """Assign every program node of ``lm`` (a :class:`~localize.runtime.model.LocalModel`) to a stage."""
     nodes = [n for n in lm.program.graph.nodes if n.op != "output"]
     stages = len(lm.blocks)
     owner: dict[fx.Node, int] = {}

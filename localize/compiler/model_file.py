@@ -14,7 +14,7 @@ the file and line and says what to do.
 
 Example:
     >>> import pathlib, tempfile
-    >>> from localize.loader import load_model_file
+    >>> from localize.compiler.model_file import load_model_file
     >>> path = pathlib.Path(tempfile.mkdtemp()) / "tiny.py"
     >>> _ = path.write_text("import torch\\n"
     ...                     "def model(): return torch.nn.Linear(4, 2)\\n"
@@ -39,9 +39,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from localize.compiler.transform import transform
 from localize.errors import ConfigError
 
-__all__ = ["ModelFile", "load_model_file", "split_spec"]
+__all__ = ["ModelFile", "load_model_file", "localize_file", "split_spec"]
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -223,3 +224,35 @@ def _where(e: BaseException, path: Path) -> str:
         if Path(frame.filename).resolve() == path:
             line = frame.lineno
     return f" (line {line})" if line is not None else ""
+
+
+def localize_file(
+    mf: ModelFile,
+    *,
+    blocks: int | None = None,
+    aux: str = "dgl",
+    balance: str = "flops",
+    cuts: list[str] | None = None,
+    optimizer: str = "adamw",
+    lr: float | None = None,
+    seed: int = 0,
+) -> tuple[Any, tuple[torch.Tensor, ...]]:
+    """The compile step of the CLI and the distributed launcher: seed, build the model, transform it.
+
+    Returns (LocalModel, example inputs); the same seed gives the same model on every rank.
+    """
+    torch.manual_seed(seed)
+    model = mf.build_model()
+    example = mf.example_inputs()
+    lm = transform(
+        model,
+        blocks=blocks,
+        example_inputs=example,
+        aux=aux,
+        optimizer=optimizer,
+        lr=lr,
+        loss_fn=mf.loss_fn,
+        balance=balance,
+        cuts=cuts,
+    )
+    return lm, example

@@ -23,11 +23,12 @@ from rich.console import Console
 from rich.table import Table
 
 import localize
+from localize.compiler.model_file import ModelFile, load_model_file, localize_file, split_spec
+from localize.data import random_dataset
 from localize.errors import ConfigError, LocalizeError
-from localize.loader import ModelFile, load_model_file, split_spec
-from localize.model import LocalModel
+from localize.runtime.model import LocalModel
 
-__all__ = ["main", "build_parser", "localize_file"]
+__all__ = ["main", "build_parser"]
 
 PROG = "localize"
 
@@ -122,38 +123,11 @@ def _fail(message: str) -> int:
 # ------------------------------------------------------------------------------------------ the run
 
 
-def localize_file(
-    mf: ModelFile,
-    *,
-    blocks: int | None = None,
-    aux: str = "dgl",
-    balance: str = "flops",
-    cuts: list[str] | None = None,
-    optimizer: str = "adamw",
-    lr: float | None = None,
-    seed: int = 0,
-) -> tuple[LocalModel, tuple[torch.Tensor, ...]]:
-    """The CLI's compile step: seed, build the model, transform it. Returns (LocalModel, example inputs)."""
-    torch.manual_seed(seed)
-    model = mf.build_model()
-    example = mf.example_inputs()
-    lm = localize.transform(
-        model,
-        blocks=blocks,
-        example_inputs=example,
-        aux=aux,
-        optimizer=optimizer,
-        lr=lr,
-        loss_fn=mf.loss_fn,
-        balance=balance,
-        cuts=cuts,
-    )
-    return lm, example
 
 
 def _run(args: argparse.Namespace, console: Console) -> int:
-    from localize import artifacts
-    from localize.codegen import OptimizerSpec
+    from localize.codegen import artifacts
+    from localize.codegen.modules import OptimizerSpec
 
     path, _ = split_spec(args.model)
     out = Path(args.out) if args.out else Path("localize_out") / Path(path).stem
@@ -184,7 +158,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         )
         backprop_model = None
         if args.compare_bp:
-            from localize.train import copy_for_backprop
+            from localize.cli.train import copy_for_backprop
 
             backprop_model = copy_for_backprop(lm.model)  # same initial weights
         options = {
@@ -232,7 +206,7 @@ def _parse_cuts(text: str | None) -> list[str] | None:
 
 def _checkpointing(args, lm: LocalModel, path: Path, console: Console):
     """Save every ``--checkpoint-every`` steps to ``path``; restore from ``--resume``."""
-    from localize.train import Checkpointing
+    from localize.cli.train import Checkpointing
 
     # what must not change between a run and its resumption, besides the model and plan (fingerprint)
     run = {"seed": args.seed, "batch_size": args.batch_size, "optimizer": args.optimizer, "lr": args.lr}
@@ -270,7 +244,7 @@ def _checkpointing(args, lm: LocalModel, path: Path, console: Console):
 def _train(
     args, lm: LocalModel, mf: ModelFile, backprop_model, device, out: Path, console: Console, checkpoint_path: Path
 ) -> None:
-    from localize import train as training
+    from localize.cli import train as training
 
     data = mf.dataset()
     if data is None:
@@ -278,7 +252,7 @@ def _train(
             (n, tuple(x.shape[1:]), str(x.dtype).replace("torch.", ""), None if x.is_floating_point() else int(x.max()) + 1)
             for n, x in zip(lm.plan.traced.input_names, mf.example_inputs())
         ]
-        data = training.random_dataset(inputs, tuple(lm.plan.output_shape), seed=args.seed)
+        data = random_dataset(inputs, tuple(lm.plan.output_shape), seed=args.seed)
         console.print(f"{mf.path.name} has no dataset(): training on random data shaped like example_inputs()")
     train, test = data
     lm.to(device)

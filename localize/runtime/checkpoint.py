@@ -29,9 +29,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from localize.errors import LocalizeError
+from localize.version import __version__
 
 if TYPE_CHECKING:
-    from localize.model import LocalModel
+    from localize.runtime.model import LocalModel
 
 __all__ = ["Checkpoint", "CheckpointError", "save", "load", "fingerprint", "atomic_write_bytes"]
 
@@ -124,13 +125,11 @@ def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
 
 def save(lm: LocalModel, path: str | os.PathLike, *, data: dict[str, Any] | None = None) -> None:
     """Write a checkpoint of ``lm`` (see the module docstring) atomically to ``path``."""
-    import localize
-
     if os.path.isdir(path):
         raise CheckpointError(f"cannot write a checkpoint to {os.fspath(path)!r}: it is a folder; pass a file path")
     state = {
         "format": FORMAT,
-        "versions": {"localize": localize.__version__, "torch": torch.__version__},
+        "versions": {"localize": __version__, "torch": torch.__version__},
         "fingerprint": fingerprint(lm),
         "model": lm.model.state_dict(),
         "aux": lm.aux.state_dict(),
@@ -151,9 +150,8 @@ def save(lm: LocalModel, path: str | os.PathLike, *, data: dict[str, Any] | None
 
 def load(path: str | os.PathLike, into: LocalModel | None = None) -> Checkpoint:
     """Read a checkpoint; with ``into``, check it belongs to that LocalModel and restore it."""
-    from localize.model import LocalModel
-
-    if into is not None and not isinstance(into, LocalModel):
+    # LocalModel imports this module, so it is recognised by what restore() reads, not by its class
+    if into is not None and not all(hasattr(into, a) for a in ("blocks", "plan", "aux", "model")):
         raise CheckpointError(
             f"into= must be a LocalModel, got {type(into).__name__}; for a plain model use "
             f"model.load_state_dict(localize.load(path).model)"

@@ -8,9 +8,9 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
+from localize.compiler.tracer import Traced
 from localize.passes.cost import Cost
 from localize.passes.find_cut_points import CutPoint
-from localize.tracer import Traced
 
 __all__ = ["BlockPlan", "Plan"]
 

@@ -13,22 +13,23 @@ import torch.fx as fx
 from torch import nn
 
 from localize import aux as aux_registry
+from localize.compiler.outputs import Selector, select_output
+from localize.compiler.plan import BlockPlan, Plan
+from localize.compiler.tracer import lmeta, trace
 from localize.errors import ConfigError, LocalizeError, PlanError, VerificationError
-from localize.loss import LossFn, cross_entropy_last_dim
-from localize.model import LocalModel, OptimizerFactory
-from localize.outputs import Selector, select_output
 from localize.passes.annotate_tensors import annotate_tensors, value_info
 from localize.passes.assign_blocks import assign_blocks
 from localize.passes.balance_blocks import METRICS, balance_blocks
 from localize.passes.bind_training_mode import bind_training_mode
 from localize.passes.cost import Cost, annotate_costs, node_cost
 from localize.passes.find_cut_points import compute_nodes, find_cut_points
-from localize.passes.insert_aux_heads import infer_layout, insert_aux_heads
+from localize.passes.infer_layout import infer_layout
+from localize.passes.insert_aux_heads import insert_aux_heads
 from localize.passes.insert_gradient_cuts import insert_gradient_cuts, source_of
 from localize.passes.resolve_named_cuts import resolve_named_cuts
 from localize.passes.verify_isolation import verify_isolation
-from localize.plan import BlockPlan, Plan
-from localize.tracer import lmeta, trace
+from localize.runtime.loss import LossFn, cross_entropy_last_dim
+from localize.runtime.model import LocalModel, OptimizerFactory
 
 __all__ = ["transform"]
 
@@ -63,7 +64,7 @@ def transform(
         aux: auxiliary-head strategy (``localize.aux.available()``), e.g. ``"dgl"``, ``"linear"``.
         aux_options: options of that strategy.
         optimizer: a factory ``params -> torch.optim.Optimizer`` called once per block, or
-            ``"sgd"``/``"adamw"`` (``localize.optim``) with ``lr``.
+            ``"sgd"``/``"adamw"`` (``localize.runtime.optim``) with ``lr``.
         loss_fn: ``(prediction, target) -> loss``; default cross-entropy over the last dim.
         output: which output the loss reads for dict/tuple/dataclass outputs (a key, an index, or
             a callable); default ``"logits"`` or the only tensor.
@@ -218,7 +219,7 @@ def _blame_inputs(model: nn.Module, args: tuple | None, kwargs: dict[str, Any] |
 
 def _optimizer_factory(optimizer: OptimizerFactory | str, lr: float | None) -> OptimizerFactory:
     if isinstance(optimizer, str):
-        from localize import optim
+        from localize.runtime import optim
 
         optim.build_optimizer(optimizer, [torch.nn.Parameter(torch.zeros(1))], lr=lr)  # validates name/lr
         return lambda params: optim.build_optimizer(optimizer, params, lr=lr)

@@ -1,13 +1,13 @@
-"""Training for the CLI: the data order, the epoch loop, evaluation, metrics and curves.
+"""Training for the CLI: the epoch loop, evaluation, metrics and curves.
 
-The data order is defined once, here, by :func:`batch_order` / :func:`epoch_batches` /
-:func:`iterate_batches` (and :func:`random_dataset` for model files without data). ``program.py``
-carries a verbatim copy of these functions (see ``PROGRAM_HELPERS``), which is what makes its losses
-equal to ``LocalModel.train_step`` for the same seed.
+The data order is defined once, in :mod:`localize.data` (:func:`~localize.data.batch_order`,
+:func:`~localize.data.epoch_batches`, :func:`~localize.data.iterate_batches`); ``program.py`` imports
+the same functions, which is what makes its losses equal to ``LocalModel.train_step`` for the same
+seed.
 
 Example:
     >>> import torch
-    >>> from localize.train import batch_order
+    >>> from localize.data import batch_order
     >>> [b.tolist() for b in batch_order(5, 2, epoch=0, seed=0)]
     [[4, 0], [1, 3]]
 """
@@ -18,7 +18,7 @@ import copy
 import itertools
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,117 +29,21 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from localize.data import epoch_batches, num_batches, sequential_batches
 from localize.errors import ConfigError, TargetError
-from localize.memory import SavedActivationMeter
-from localize.model import LocalModel
+from localize.runtime.memory import SavedActivationMeter
+from localize.runtime.model import LocalModel
 
 __all__ = [
     "Checkpointing",
     "History",
-    "PROGRAM_HELPERS",
-    "batch_order",
-    "epoch_batches",
     "evaluate",
-    "iterate_batches",
     "plot_curves",
-    "random_dataset",
     "train_backprop",
     "train_local",
 ]
 
 _MEASURED_STEPS = 3  # steps run under the saved-activation meter (every step has the same peak)
-
-
-# ----------------------------------------------------------------------------- data order (copied into program.py)
-
-
-def random_dataset(inputs, output_shape, num_train=512, num_test=128, seed=0):
-    """Random data shaped like the example inputs, for model files without ``dataset()``.
-
-    ``inputs`` lists ``(name, shape per sample, dtype name, high)``: floats are standard normal,
-    integers uniform in ``[0, high)``. Targets are class indices over the output's last dim.
-    Returns ``((xs, y), (xs_test, y_test))`` with ``xs`` a tuple of tensors.
-    """
-    generator = torch.Generator().manual_seed(seed)
-
-    def split(n):
-        xs = []
-        for _name, shape, dtype, high in inputs:
-            if high is None:
-                x = torch.randn((n, *shape), generator=generator)
-            else:
-                x = torch.randint(0, max(int(high), 1), (n, *shape), generator=generator)
-            xs.append(x.to(getattr(torch, dtype)))
-        y = torch.randint(0, output_shape[-1], (n, *output_shape[1:-1]), generator=generator)
-        return tuple(xs), y
-
-    return split(num_train), split(num_test)
-
-
-def batch_order(num_samples, batch_size, epoch, seed):
-    """One epoch's mini-batches of sample indices: a permutation seeded by ``(seed, epoch)``.
-
-    The last, smaller batch is dropped (batch-norm cannot train on one sample) unless it is the
-    only one.
-    """
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    batches = list(torch.randperm(num_samples, generator=generator).split(batch_size))
-    if len(batches) > 1 and len(batches[-1]) < batch_size:
-        batches.pop()
-    return batches
-
-
-def epoch_batches(data, batch_size, epoch, seed):
-    """``(inputs, target)`` batches of one epoch, ``inputs`` a tuple of tensors.
-
-    Tensor data ``(x, y)`` (``x`` may be a tuple of tensors) is drawn in :func:`batch_order`;
-    anything else (a ``DataLoader``) is iterated as it is.
-    """
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], torch.Tensor):
-        x, y = data
-        xs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
-        for index in batch_order(len(y), batch_size, epoch, seed):
-            yield tuple(t[index] for t in xs), y[index]
-    else:
-        for x, y in data:
-            yield (tuple(x) if isinstance(x, (tuple, list)) else (x,)), y
-
-
-def iterate_batches(data, batch_size, seed):
-    """:func:`epoch_batches` of epochs 0, 1, 2, ... without end."""
-    epoch = 0
-    while True:
-        empty = True
-        for batch in epoch_batches(data, batch_size, epoch, seed):
-            empty = False
-            yield batch
-        if empty:
-            raise ValueError("the training data has no batches")
-        epoch += 1
-
-
-PROGRAM_HELPERS = (random_dataset, batch_order, epoch_batches, iterate_batches)
-
-
-def sequential_batches(data: Any, batch_size: int) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
-    """Evaluation batches in order, the last one kept."""
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], torch.Tensor):
-        x, y = data
-        xs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
-        for start in range(0, len(y), batch_size):
-            yield tuple(t[start : start + batch_size] for t in xs), y[start : start + batch_size]
-    else:
-        yield from epoch_batches(data, batch_size, 0, 0)
-
-
-def num_batches(data: Any, batch_size: int) -> int | None:
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], torch.Tensor):
-        n = len(data[1])
-        return max(1, n // batch_size)
-    try:
-        return len(data)
-    except TypeError:
-        return None
 
 
 # ----------------------------------------------------------------------------- training
@@ -266,7 +170,7 @@ def train_backprop(
     console: Console,
 ) -> History:
     """Train ``model`` (a copy of the untransformed model) with plain backprop, same loss and data."""
-    from localize.optim import build_optimizer
+    from localize.runtime.optim import build_optimizer
 
     traced, index, loss_fn = lm.plan.traced, lm.plan.output_index, lm.loss_fn
     params = [p for p in model.parameters() if p.requires_grad]

@@ -2,7 +2,7 @@
 
 Both are ``torch.optim.Optimizer`` subclasses with torch's constructor arguments, param-group keys and
 state keys (``"momentum_buffer"``; ``"step"``, ``"exp_avg"``, ``"exp_avg_sq"``), so a
-``state_dict`` moves between ``localize.optim.SGD`` and ``torch.optim.SGD`` (and AdamW) both ways.
+``state_dict`` moves between ``localize.runtime.optim.SGD`` and ``torch.optim.SGD`` (and AdamW) both ways.
 Each step updates a param group with one kernel launch per (device, dtype) group; the backend
 (compiled Triton, interpreter, torch fused/foreach) is chosen by :func:`localize.kernels.backend`.
 """
@@ -31,7 +31,7 @@ def _check_group(name: str, group: dict[str, Any], unsupported: dict[str, Any]) 
     for key, allowed in unsupported.items():
         if key in group and group[key] != allowed and group[key] is not None:
             raise LocalizeError(
-                f"localize.optim.{name} does not support {key}={group[key]!r} (only {allowed!r}); "
+                f"localize.runtime.optim.{name} does not support {key}={group[key]!r} (only {allowed!r}); "
                 f"use torch.optim.{name} for this setting"
             )
 
@@ -43,7 +43,7 @@ def _grads_of(name: str, group: dict[str, Any]) -> tuple[list[torch.Tensor], lis
             continue
         if p.grad.is_sparse:
             raise LocalizeError(
-                f"localize.optim.{name} got a sparse gradient (shape {tuple(p.shape)}); use a dense "
+                f"localize.runtime.optim.{name} got a sparse gradient (shape {tuple(p.shape)}); use a dense "
                 "embedding (sparse=False) or torch.optim.SparseAdam"
             )
         params.append(p)
@@ -64,7 +64,7 @@ class SGD(torch.optim.Optimizer):
     Example::
 
         >>> import torch
-        >>> from localize.optim import SGD
+        >>> from localize.runtime.optim import SGD
         >>> w = torch.nn.Parameter(torch.ones(2))
         >>> opt = SGD([w], lr=0.1, momentum=0.9)
         >>> w.grad = torch.ones(2)
@@ -155,7 +155,7 @@ class AdamW(torch.optim.Optimizer):
     Example::
 
         >>> import torch
-        >>> from localize.optim import AdamW
+        >>> from localize.runtime.optim import AdamW
         >>> w = torch.nn.Parameter(torch.ones(2))
         >>> opt = AdamW([w], lr=0.1, weight_decay=0.0)
         >>> w.grad = torch.ones(2)
@@ -259,7 +259,7 @@ def build_optimizer(
     Example::
 
         >>> import torch
-        >>> from localize.optim import build_optimizer
+        >>> from localize.runtime.optim import build_optimizer
         >>> opt = build_optimizer("sgd", torch.nn.Linear(2, 2).parameters())
         >>> type(opt).__name__, opt.defaults["lr"], opt.defaults["momentum"]
         ('SGD', 0.05, 0.9)

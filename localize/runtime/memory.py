@@ -7,7 +7,7 @@ amount alive at once, ``total_bytes`` everything saved during the context.
 
 Example:
     >>> import torch
-    >>> from localize.memory import SavedActivationMeter
+    >>> from localize.runtime.memory import SavedActivationMeter
     >>> lin = torch.nn.Linear(64, 64)
     >>> with SavedActivationMeter(lin.parameters()) as meter:
     ...     lin(torch.randn(8, 64)).relu().sum().backward()
