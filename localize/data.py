@@ -21,7 +21,9 @@ import math
 import os
 import random
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch

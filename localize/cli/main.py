@@ -127,7 +127,7 @@ def _fail(message: str) -> int:
 
 def _run(args: argparse.Namespace, console: Console) -> int:
     from localize.codegen import artifacts
-    from localize.codegen.modules import OptimizerSpec
+    from localize.codegen.program import OptimizerSpec
 
     path, _ = split_spec(args.model)
     out = Path(args.out) if args.out else Path("localize_out") / Path(path).stem

@@ -41,7 +41,8 @@ import torch.fx as fx
 from torch import nn
 
 import localize
-from localize.codegen.modules import CodegenError, OptimizerSpec, block_source, generate, program_source
+from localize.codegen.modules import CodegenError, block_source, generate
+from localize.codegen.program import OptimizerSpec, program_source, program_weights
 from localize.compiler.tracer import lmeta
 from localize.errors import ConfigError, VerificationError
 from localize.passes.annotate_tensors import value_info
@@ -193,7 +194,7 @@ def write_artifacts(
             code.append({"file": name, "status": "ok" if error is None else "partial", "error": error})
         except CodegenError as e:
             code.append({"file": None, "status": "failed", "error": str(e)})
-    torch.save(gen.weights(lm), out / "weights.pt")
+    torch.save(program_weights(lm, gen), out / "weights.pt")
     files.append("weights.pt")
 
     program = _write_program(out, lm, gen, model, optimizer, batch_size, seed, example_inputs, inputs)
@@ -281,7 +282,9 @@ def _check_program(out: Path, lm: LocalModel, inputs: dict[int, tuple]) -> float
     spec = importlib.util.spec_from_file_location(f"localize_program_{os.getpid()}", out / "program.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    blocks, heads = module.build()
+    step = module.build()
+    blocks = [step.get_submodule(f"block_{b.index}") for b in lm.blocks]
+    heads = [getattr(step, f"head_{b.index}", None) for b in lm.blocks]
     worst = 0.0
     was_training = lm.training
     lm.eval()

@@ -38,8 +38,6 @@ import builtins
 import importlib
 import inspect
 import math
-import operator
-import pprint
 import re
 import textwrap
 import types
@@ -60,11 +58,9 @@ __all__ = [
     "CodegenError",
     "Generated",
     "ModuleCode",
-    "OptimizerSpec",
     "block_source",
     "generate",
     "module_code",
-    "program_source",
     "readable_head",
     "weights_of",
 ]
@@ -87,7 +83,10 @@ class ModuleCode:
     source: str
     imports: set[str] = field(default_factory=set)  # import lines the source needs
     inline: dict[str, str] = field(default_factory=dict)  # class name -> copied class source
-    weights: dict[str, torch.Tensor] = field(default_factory=dict)  # load_state_dict(assign=True)
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)  # for load_tensors, by dotted path
+    refs: list[tuple[str, nn.Module]] = field(default_factory=list)  # attribute path -> module it must point at
+    call: str = ""  # the expression that builds it: "Block0()"
+    module: nn.Module | None = None  # what was written (a head's readable version), for ties
 
 
 # ------------------------------------------------------------------------------------------ one module
@@ -112,6 +111,7 @@ def module_code(gm: fx.GraphModule, name: str, doc: str) -> ModuleCode:
         if not tensor.requires_grad and _owned_by_leaf(gm, path):
             init.append(f"self.get_parameter({path!r}).requires_grad_(False)")
     code.weights = weights_of(gm)
+    code.module = gm
     python = gm.graph.python_code("self")
     forward = python.src.strip("\n").rstrip()
     code.imports |= _imports_for(python.globals, forward)
@@ -127,16 +127,23 @@ def module_code(gm: fx.GraphModule, name: str, doc: str) -> ModuleCode:
     return code
 
 
-def weights_of(gm: nn.Module) -> dict[str, torch.Tensor]:
-    """Every tensor the generated class loads: state_dict, non-persistent buffers, attribute tensors."""
-    weights = {k: v.detach() for k, v in gm.state_dict(keep_vars=True).items()}
-    for path, tensor in gm.named_buffers(remove_duplicate=False):
-        if path not in weights and not _owned_by_leaf(gm, path):
-            weights[path] = tensor.detach()
-    if isinstance(gm, fx.GraphModule):
-        for path, tensor in _attribute_tensors(gm).items():
-            weights.setdefault(path, tensor.detach())
-    return weights
+def weights_of(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor the generated module loads (``load_tensors``), by dotted path, detached."""
+    return {path: t.detach() for path, t in named_tensors(module).items()}
+
+
+def named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters, buffers (persistent or not) and plain tensor attributes of every submodule."""
+    found: dict[str, torch.Tensor] = {}
+    for prefix, sub in module.named_modules(remove_duplicate=False):
+        dot = prefix + "." if prefix else ""
+        for name, value in list(sub._parameters.items()) + list(sub._buffers.items()):
+            if value is not None:
+                found.setdefault(dot + name, value)
+        for name, value in vars(sub).items():
+            if isinstance(value, torch.Tensor):
+                found.setdefault(dot + name, value)
+    return found
 
 
 def _emit_children(module: nn.Module, expr: str, out: list[str], code: ModuleCode, path: str) -> None:
@@ -146,34 +153,122 @@ def _emit_children(module: nn.Module, expr: str, out: list[str], code: ModuleCod
             out.append(_assign(expr, child_name, f"nn.{type(child).__name__}()"))
             _emit_children(child, expr + _attr(child_name), out, code, child_path)
             continue
-        out.append(_assign(expr, child_name, _constructor(child, child_path, code)))
+        out.append(_assign(expr, child_name, module_expr(child, child_path, code)))
 
 
-def _constructor(module: nn.Module, path: str, code: ModuleCode) -> str:
-    """Source that builds an equal (same repr, same tensor shapes) fresh module."""
+def module_expr(module: nn.Module, path: str, code: ModuleCode, indent: int = 8) -> str:
+    """Source that builds a module like ``module`` (tensors empty, filled from weights.pt).
+
+    A ``torch.nn`` module whose ``repr`` rebuilds it is its constructor; a nested GraphModule
+    becomes a class of its own; anything else is ``restore("module:Class", ...)`` of its class,
+    imported from where it is defined. Module references that are not children (MAN's live layer)
+    are recorded in ``code.refs`` and tied by ``build()``.
+    """
     cls = type(module)
-    text = repr(module)
     if cls in _INLINE:
         code.inline[cls.__name__] = inspect.getsource(cls)
-        namespace: dict[str, Any] = {cls.__name__: cls}
-        expr = text
-    elif getattr(nn, cls.__name__, None) is cls and "\n" not in text:
-        namespace = {"nn": nn, "torch": torch, "inf": math.inf, "nan": math.nan}
-        expr = "nn." + text
-    else:
-        raise CodegenError(
-            f"module {path!r} ({cls.__module__}.{cls.__qualname__}) has no one-line constructor to write as code"
-        )
+        return repr(module)
+    if isinstance(module, fx.GraphModule):
+        name = "Graph_" + re.sub(r"\W", "_", f"{code.name}_{path}")
+        nested = module_code(module, name, f"{cls.__name__} at {path} of {code.name}, written by fx.")
+        code.inline.update(nested.inline)
+        code.inline[name] = nested.source
+        code.imports |= nested.imports
+        code.refs += [(_join(path, p), t) for p, t in nested.refs]
+        return f"{name}()"
+    one_line = _constructor(module)
+    if one_line is not None:
+        return one_line
+    code.imports.add("from localize.codegen.restore import restore")
+    pad = " " * (indent + 4)
+    attributes, children = [], []
+    for key, value in vars(module).items():
+        if key in _MODULE_INTERNALS or isinstance(value, torch.Tensor):
+            continue  # tensors come from weights.pt
+        if isinstance(value, nn.Module):
+            code.refs.append((_join(path, key), value))  # not a child: tied to where it lives
+            continue
+        attributes.append(f"{key!r}: {_literal(value, _join(path, key), code)}")
+    for key, child in module._modules.items():
+        value = "None" if child is None else module_expr(child, _join(path, key), code, indent + 4)
+        children.append(f"{key!r}: {value}")
+    params = {k: None if v is None else (tuple(v.shape), v.dtype, v.requires_grad) for k, v in module._parameters.items()}
+    buffers = {
+        k: None if v is None else (tuple(v.shape), v.dtype, k not in module._non_persistent_buffers_set)
+        for k, v in module._buffers.items()
+    }
+    code.imports.add("import torch")
+
+    def block(items: list[str]) -> str:
+        return "{}" if not items else "{\n" + "".join(f"{pad}    {i},\n" for i in items) + pad + "}"
+
+    qual = f"{cls.__module__}:{cls.__qualname__}"
+    if "<locals>" in qual:
+        raise CodegenError(f"module {path!r} is an instance of {cls.__qualname__}, a class defined inside a function")
+    return (
+        f"restore(\n{pad}{qual!r},\n{pad}{block(attributes)},\n{pad}{block(children)},\n"
+        f"{pad}{_tensor_specs(params)},\n{pad}{_tensor_specs(buffers)},\n{' ' * indent})"
+    )
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+# what nn.Module.__init__ sets: restore() makes them anew
+_MODULE_INTERNALS = frozenset(vars(nn.Module())) - {"training"}
+
+
+def _tensor_specs(specs: dict[str, tuple | None]) -> str:
+    items = []
+    for k, v in specs.items():
+        items.append(f"{k!r}: None" if v is None else f"{k!r}: ({v[0]!r}, torch.{str(v[1]).removeprefix('torch.')}, {v[2]})")
+    return "{" + ", ".join(items) + "}"
+
+
+def _literal(value: Any, where: str, code: ModuleCode) -> str:
+    """``value`` as Python source, or a CodegenError naming the attribute."""
+    if value is None or isinstance(value, (bool, int, str, bytes)):
+        return repr(value)
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else f"float({str(value)!r})"
+    if isinstance(value, torch.dtype):
+        return "torch." + str(value).removeprefix("torch.")
+    if isinstance(value, torch.device):
+        return f"torch.device({str(value)!r})"
+    if isinstance(value, torch.Size):
+        return f"torch.Size({list(value)!r})"
+    if isinstance(value, (tuple, list, set, frozenset)):
+        items = [_literal(v, where, code) for v in value]
+        if isinstance(value, tuple):
+            return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
+        if isinstance(value, list):
+            return "[" + ", ".join(items) + "]"
+        return f"{type(value).__name__}([{', '.join(items)}])"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_literal(k, where, code)}: {_literal(v, where, code)}" for k, v in value.items()) + "}"
+    module, qual = getattr(value, "__module__", None), getattr(value, "__qualname__", None)
+    if module and qual and "<" not in qual and _importable(module, qual, value):
+        code.imports.add("from localize.codegen.restore import ref")
+        return f"ref({module + ':' + qual!r})"
+    raise CodegenError(f"attribute {where!r} holds a {type(value).__name__}, which generated code cannot write")
+
+
+def _constructor(module: nn.Module) -> str | None:
+    """``nn.<repr>`` when it rebuilds an equal module (same repr, same tensor shapes), else None."""
+    cls = type(module)
+    text = repr(module)
+    if getattr(nn, cls.__name__, None) is not cls or "\n" in text:
+        return None
+    namespace = {"nn": nn, "torch": torch, "inf": math.inf, "nan": math.nan}
     try:
-        fresh = eval(expr, namespace)  # noqa: S307 - our own repr of a torch.nn module, checked below
-    except Exception as e:  # noqa: BLE001
-        raise CodegenError(f"module {path!r}: its repr {text!r} does not construct it ({e})") from None
+        fresh = eval("nn." + text, namespace)  # noqa: S307 - our own repr of a torch.nn module, checked below
+    except Exception:  # noqa: BLE001
+        return None
     same = repr(fresh) == text and {k: tuple(v.shape) for k, v in fresh.state_dict().items()} == {
         k: tuple(v.shape) for k, v in module.state_dict().items()
     }
-    if not same:
-        raise CodegenError(f"module {path!r}: {expr} does not rebuild {text} with the same tensors")
-    return expr
+    return "nn." + text if same else None
 
 
 def _direct_tensors(gm: fx.GraphModule, consts: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
@@ -309,7 +404,7 @@ def _head_hooks(head: nn.Module) -> list[str]:
 
 @dataclass
 class Generated:
-    """Every block's and head's class, or why it could not be written (``None`` head: last block)."""
+    """Every block's and head's code, or why it could not be written (``None`` head: last block)."""
 
     blocks: list[ModuleCode | None]
     block_errors: list[str | None]
@@ -317,12 +412,10 @@ class Generated:
     head_errors: list[str | None]
 
     def weights(self, lm: LocalModel) -> dict[str, Any]:
-        """The ``weights.pt`` payload: tensors per block and per head, for ``load_state_dict(assign=True)``."""
+        """The ``weights.pt`` payload: tensors per block and per head, by dotted path (``load_tensors``)."""
         return {
-            "format": 1,
-            "blocks": [
-                c.weights if c is not None else weights_of(b.module) for c, b in zip(self.blocks, lm.blocks)
-            ],
+            "format": 2,
+            "blocks": [c.weights if c is not None else weights_of(b.module) for c, b in zip(self.blocks, lm.blocks)],
             "heads": [c.weights if c is not None else None for c in self.heads],
         }
 
@@ -331,30 +424,55 @@ class Generated:
 
 
 def generate(lm: LocalModel) -> Generated:
-    """Write every block and aux head of ``lm`` as a class; failures are kept, not raised."""
+    """Write every block and aux head of ``lm`` as code; failures are kept, not raised.
+
+    A head that fx traces and that has no hooks of its own becomes a readable class (layers named
+    after their type); any other head (a strategy's class with ``local_loss`` or ``after_update``,
+    a head fx cannot trace) is rebuilt from its class in :mod:`localize.aux` by ``restore``.
+    """
     gen = Generated([], [], [], [])
     for block in lm.blocks:
         try:
-            gen.blocks.append(module_code(block.module, f"Block{block.index}", _block_doc(lm, block.index)))
+            code = module_code(block.module, f"Block{block.index}", _block_doc(lm, block.index))
+            code.call = f"{code.name}()"
+            gen.blocks.append(code)
             gen.block_errors.append(None)
         except CodegenError as e:
             gen.blocks.append(None)
             gen.block_errors.append(f"block {block.index}: {e}")
         head, error = None, None
         if block.aux is not None:
-            hooks = _head_hooks(block.aux)
             try:
-                if hooks:
-                    raise CodegenError(
-                        f"aux strategy {lm.plan.aux!r} gives heads their own {' and '.join(hooks)}, "
-                        f"which generated code cannot reproduce without localize"
-                    )
-                head = module_code(readable_head(block.aux), f"Head{block.index}", _head_doc(lm, block.index))
+                head = _head_code(lm, block.index)
             except CodegenError as e:
                 error = f"aux head of block {block.index}: {e}"
         gen.heads.append(head)
         gen.head_errors.append(error)
     return gen
+
+
+def _head_code(lm: LocalModel, index: int) -> ModuleCode:
+    head = lm.blocks[index].aux
+    doc = _head_doc(lm, index)
+    if not _head_hooks(head):
+        try:
+            code = module_code(readable_head(head), f"Head{index}", doc)
+            code.call = f"{code.name}()"
+            return code
+        except CodegenError:
+            pass  # not traceable by fx: rebuilt from its class below
+    cls = type(head)
+    code = ModuleCode(f"head_{index}", "")
+    expr = module_expr(head, "", code, indent=4)
+    code.source = (
+        f"def head_{index}():\n"
+        f'    """{doc} Its class, {cls.__qualname__}, comes from {cls.__module__}."""\n'
+        f"    return {expr}\n"
+    )
+    code.weights = weights_of(head)
+    code.module = head
+    code.call = f"head_{index}()"
+    return code
 
 
 def _block_doc(lm: LocalModel, index: int) -> str:
@@ -434,421 +552,26 @@ def _shape_of(lm: LocalModel, name: str) -> str:
 # ------------------------------------------------------------------------------------------ program.py
 
 
-@dataclass(frozen=True)
-class OptimizerSpec:
-    """The optimizer program.py writes out: ``"sgd"`` or ``"adamw"`` and its hyperparameters."""
-
-    name: str
-    options: dict[str, Any]
-
-    @staticmethod
-    def build(name: str, lr: float | None) -> OptimizerSpec:
-        from localize.runtime import optim
-
-        opt = optim.build_optimizer(name, [nn.Parameter(torch.zeros(1))], lr=lr)
-        d = opt.defaults
-        if name == "sgd":
-            keys = ("lr", "momentum", "weight_decay", "nesterov")
-        else:
-            keys = ("lr", "betas", "eps", "weight_decay")
-        return OptimizerSpec(name, {k: d[k] for k in keys})
-
-    def describe(self) -> str:
-        return f"{self.name}(" + ", ".join(f"{k}={v!r}" for k, v in self.options.items()) + ")"
 
 
-def program_source(
-    lm: LocalModel,
-    *,
-    model_file: str,
-    optimizer: OptimizerSpec,
-    batch_size: int,
-    seed: int,
-    example_inputs: tuple[torch.Tensor, ...],
-    gen: Generated | None = None,
-) -> str:
-    """``program.py``: trains ``lm`` from the weights in ``gen.weights(lm)`` (saved as weights.pt)."""
-    from localize.cli import train as train_module
-
-    parts = gen or generate(lm)
-    if parts.first_error() is not None:
-        raise CodegenError(parts.first_error())
-    codes = [c for c in parts.blocks + parts.heads if c is not None]
-    imports, inline = _header_imports(
-        codes, ("import torch.nn.functional as F", "from localize.kernels import adamw_step, sgd_step")
-    )
-    classes = "\n\n".join(c.source for c in codes)
-    k = lm.plan.num_blocks
-    inputs = [
-        (name, tuple(x.shape[1:]), str(x.dtype).replace("torch.", ""), _high(x))
-        for name, x in zip(lm.plan.traced.input_names, example_inputs)
-    ]
-    helpers = "\n\n".join(inspect.getsource(fn).rstrip() + "\n" for fn in train_module.PROGRAM_HELPERS)
-    program_fields = dict(
-        version=localize.__version__,
-        model_name=type(lm.model).__name__,
-        model_file=model_file,
-        k=k,
-        aux=lm.plan.aux,
-        optimizer=optimizer.describe(),
-        schedule=str(lm.schedule),
-        method=lm.plan.traced.method,
-    )
-    text = _PROGRAM_HEAD.format(**program_fields)
-    text += imports + "\n\n"
-    text += (
-        f"HERE = os.path.dirname(os.path.abspath(__file__))\n"
-        f"MODEL_FILE = {model_file!r}  # for its dataset() and loss_fn; --model-file overrides it\n"
-        f"BATCH_SIZE = {batch_size}\n"
-        f"SEED = {seed}\n"
-        f"# inputs for random data when the model file has no dataset(): (name, shape per sample, dtype, high)\n"
-        f"INPUTS = {inputs!r}\n"
-        f"OUTPUT_SHAPE = {tuple(lm.plan.output_shape or ())!r}  # of the example batch\n\n\n"
-    )
-    text += _SECTION.format(title="blocks and aux heads (weights in weights.pt)")
-    if inline:
-        text += inline + "\n\n"
-    text += classes + "\n\n"
-    text += _build_source(lm, parts)
-    text += _SECTION.format(title="loss and optimizers (localize.runtime.optim's math on localize.kernels)")
-    text += _LOSS_AND_OPTIMIZERS
-    text += _optimizers_source(lm, optimizer)
-    text += _SECTION.format(title=f"the schedule: {lm.schedule}")
-    text += _step_source(lm)
-    text += _SECTION.format(title="data (the same order as `localize MODEL.py --train`)")
-    text += helpers + "\n\n"
-    text += _PROGRAM_MAIN
-    return text
 
 
-def _high(x: torch.Tensor) -> int | None:
-    if x.is_floating_point() or x.is_complex() or x.numel() == 0:
-        return None
-    return int(x.max()) + 1
 
 
-def _build_source(lm: LocalModel, parts: Generated) -> str:
-    blocks = ", ".join(c.name + "()" for c in parts.blocks)
-    heads = ", ".join(c.name + "()" if c is not None else "None" for c in parts.heads)
-    ties = _tie_lines(lm)
-    lines = [
-        "def build():",
-        '    """The blocks and heads with the weights they had when localize compiled the model."""',
-        f"    blocks = [{blocks}]",
-        f"    heads = [{heads}]",
-        '    weights = torch.load(os.path.join(HERE, "weights.pt"))',
-        '    for module, tensors in zip(blocks + heads, weights["blocks"] + weights["heads"]):',
-        "        if module is not None:",
-        "            module.load_state_dict(tensors, assign=True)",
-    ]
-    if ties:
-        lines.append(
-            "    # tensors the model shares between blocks: one object, trained by the block that owns it"
-        )
-        lines += ["    " + t for t in ties]
-    lines.append("    return blocks, heads")
-    return "\n".join(lines) + "\n\n\n"
 
 
-def _tie_lines(lm: LocalModel) -> list[str]:
-    """Assignments that make tensors the blocks share one object again after loading."""
-    owner_of = {id(p): b.index for b in lm.blocks for p in b.params}
-    places: dict[int, list[tuple[int, str, bool]]] = {}
-    for block in lm.blocks:
-        module = block.module
-        named = list(module.named_parameters(remove_duplicate=False))
-        named += list(module.named_buffers(remove_duplicate=False))
-        named += list(_attribute_tensors(module).items())
-        for path, t in named:
-            places.setdefault(id(t), []).append((block.index, path, isinstance(t, nn.Parameter)))
-    lines = []
-    for key, where in places.items():
-        if len(where) < 2:
-            continue
-        canonical = next((w for w in where if w[0] == owner_of.get(key)), where[0])
-        for place in where:
-            if place == canonical:
-                continue
-            b, path, _ = place
-            holder, _, attr = path.rpartition(".")
-            target = f"blocks[{b}]" + ("".join(_attr(p) for p in holder.split(".")) if holder else "")
-            value = _ref(canonical)
-            lines.append(
-                f"{target}.{attr} = {value}"
-                if _IDENT.match(attr)
-                else f"setattr({target}, {attr!r}, {value})"
-            )
-    return lines
 
 
-def _ref(place: tuple[int, str, bool]) -> str:
-    b, path, is_param = place
-    if all(_IDENT.match(p) for p in path.split(".")):
-        return f"blocks[{b}].{path}"
-    return f"blocks[{b}].get_parameter({path!r})" if is_param else f"blocks[{b}].get_buffer({path!r})"
 
 
-def _optimizers_source(lm: LocalModel, spec: OptimizerSpec) -> str:
-    names: list[list[str]] = []
-    for block in lm.blocks:
-        where = {id(p): n for n, p in block.module.named_parameters(remove_duplicate=False)}
-        own = []
-        for p in block.params:
-            if not p.requires_grad:
-                continue
-            if id(p) not in where:
-                raise CodegenError(f"block {block.index} trains a parameter its graph does not hold")
-            own.append(where[id(p)])
-        names.append(own)
-    cls = "SGD" if spec.name == "sgd" else "AdamW"
-    options = ", ".join(f"{k}={v!r}" for k, v in spec.options.items())
-    listing = pprint.pformat(names, width=108, compact=True)
-    return (
-        "# the model parameters each block trains (its aux head's parameters come on top)\n"
-        f"TRAINED = {listing}\n\n\n"
-        "def make_optimizers(blocks, heads):\n"
-        '    """One optimizer per block, over the parameters it owns and its head\'s."""\n'
-        "    optimizers = []\n"
-        "    for block, head, names in zip(blocks, heads, TRAINED):\n"
-        "        params = [block.get_parameter(n) for n in names]\n"
-        "        if head is not None:\n"
-        "            params += [p for p in head.parameters() if p.requires_grad]\n"
-        f"        optimizers.append({cls}(params, {options}))\n"
-        "    return optimizers\n\n\n"
-    )
 
 
-def _step_source(lm: LocalModel) -> str:
-    """``train_step``: the schedule as straight-line code over the program graph."""
-    program = lm.program
-    nodes = list(program.graph.nodes)
-    block_node = {lmeta(n)["block"]: n for n in nodes if n.op == "call_module"}
-    out = nodes[-1]
-    output_leaf = out.args[0][lm.plan.output_index]
-    placeholders = [n.name for n in nodes if n.op == "placeholder"]
-    lines = [
-        "def train_step(blocks, heads, optimizers, loss_fn, inputs, target, step):",
-        f'    """One local-learning step; returns the {lm.plan.num_blocks} block losses."""',
-    ]
-    if placeholders:
-        lines.append(f"    {', '.join(placeholders)}{',' if len(placeholders) == 1 else ''} = inputs")
-    lines.append(f"    losses = [math.nan] * {lm.plan.num_blocks}")
-    done: set[fx.Node] = {n for n in nodes if n.op == "placeholder"}
-    position = {n: i for i, n in enumerate(nodes)}
-
-    def emit_until(stop: fx.Node) -> None:
-        for n in nodes[: position[stop]]:
-            if n in done or n.op in ("call_module", "output"):
-                continue
-            lines.append("    " + _node_line(n))
-            done.add(n)
-
-    for action in lm.schedule:
-        b = action.block
-        node = block_node[b]
-        kind = action.kind.value
-        if kind == "F":
-            emit_until(node)
-            args = ", ".join(_arg(a) for a in node.args)
-            lines.append(f"    # {action}: block {b} forward")
-            lines.append(f"    {node.name} = blocks[{b}]({args})")
-            done.add(node)
-        elif kind == "L":
-            block = lm.blocks[b]
-            if block.aux is not None:
-                slot = block.plan.outputs.index(block.plan.primary)
-                lines.append(
-                    f"    # {action}: aux head {b} on {block.plan.primary}, backward inside block {b}"
-                )
-                lines.append(f"    loss = loss_fn(heads[{b}]({node.name}[{slot}]), target)")
-            else:
-                slot = output_leaf.args[1]
-                lines.append(f"    # {action}: the model output's loss, backward inside block {b}")
-                lines.append(f"    loss = loss_fn({node.name}[{slot}], target)")
-            lines.append(f"    losses[{b}] = backward(loss, optimizers[{b}], {b}, step)")
-        else:
-            lines.append(f"    # {action}: update block {b}, free its graph")
-            lines.append(f"    optimizers[{b}].step()")
-            lines.append(f"    {node.name} = detached({node.name})")
-    lines.append("    return losses")
-    return "\n".join(lines) + "\n\n\n"
 
 
-def _node_line(n: fx.Node) -> str:
-    if n.op == "call_function" and n.target is operator.getitem:
-        return f"{n.name} = {_arg(n.args[0])}[{_arg(n.args[1])}]"
-    if n.op == "call_method":
-        rest = ", ".join([_arg(a) for a in n.args[1:]] + [f"{k}={_arg(v)}" for k, v in n.kwargs.items()])
-        comment = "  # gradient cut" if lmeta(n).get("cut") else ""
-        return f"{n.name} = {_arg(n.args[0])}.{n.target}({rest}){comment}"
-    if n.op == "call_function":
-        qual = fx.node._get_qualified_name(n.target)
-        if not qual.startswith("torch."):
-            raise CodegenError(f"the program calls {qual} between blocks, which program.py cannot write")
-        args = ", ".join([_arg(a) for a in n.args] + [f"{k}={_arg(v)}" for k, v in n.kwargs.items()])
-        return f"{n.name} = {qual}({args})"
-    raise CodegenError(f"program node {n.name} ({n.op}) cannot be written as code")
 
 
-def _arg(a: Any) -> str:
-    if isinstance(a, fx.Node):
-        return a.name
-    if isinstance(a, tuple):
-        return "(" + ", ".join(_arg(x) for x in a) + ("," if len(a) == 1 else "") + ")"
-    if isinstance(a, list):
-        return "[" + ", ".join(_arg(x) for x in a) + "]"
-    if isinstance(a, (torch.dtype, torch.device)):
-        return (
-            "torch." + str(a).replace("torch.", "")
-            if isinstance(a, torch.dtype)
-            else f"torch.device({str(a)!r})"
-        )
-    return repr(a)
 
 
-_SECTION = "# " + "-" * 60 + " {title}\n\n\n"
-
-_PROGRAM_HEAD = '''#!/usr/bin/env python
-"""Standalone local-learning program, generated by localize {version} from {model_file}.
-
-{model_name} ({method} trace) cut into {k} gradient-isolated blocks. Each block trains with its own
-loss: blocks 0..{k}-2 through an aux head ("{aux}"), the last block through the model's output.
-Optimizer per block: {optimizer}. Schedule: {schedule}
-
-It needs torch, localize.kernels (the fused optimizer updates) and the model file (for its
-dataset() and loss_fn); the blocks and heads are defined below, their weights are in weights.pt.
-
-    python program.py --steps 100
-
-prints every block's loss at every step, the same numbers as LocalModel.train_step for the same
-seed and data order.
-"""
-
-from __future__ import annotations
-
-import argparse
-import importlib.util
-import math
-import os
-import sys
-
-'''
-
-_LOSS_AND_OPTIMIZERS = '''def cross_entropy_last_dim(pred, target):
-    """localize's default loss: cross-entropy over the last dim, leading dims flattened."""
-    if target.is_floating_point():
-        return F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1, pred.shape[-1]))
-    return F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1).long())
 
 
-def backward(loss, optimizer, block, step):
-    """Backpropagate a block's loss inside the block; returns its value."""
-    value = float(loss.detach())
-    if not math.isfinite(value):
-        raise FloatingPointError(f"block {block} loss is {value} at step {step}; lower the learning rate")
-    optimizer.zero_grad()
-    if loss.requires_grad:
-        loss.backward()
-    return value
 
-
-def detached(values):
-    """A block's outputs without their autograd graph (which is freed)."""
-    return tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in values)
-
-
-class SGD:
-    """SGD with momentum (torch.optim.SGD math, dampening 0) on localize.kernels.sgd_step."""
-
-    def __init__(self, params, lr, momentum=0.0, weight_decay=0.0, nesterov=False):
-        self.params, self.lr, self.momentum = list(params), lr, momentum
-        self.weight_decay, self.nesterov = weight_decay, nesterov
-        self.buffers = {}
-
-    def zero_grad(self):
-        for p in self.params:
-            p.grad = None
-
-    @torch.no_grad()
-    def step(self):
-        params = [p for p in self.params if p.grad is not None]
-        if not params:
-            return
-        buffers = []
-        if self.momentum != 0:
-            buffers = [self.buffers.setdefault(p, torch.zeros_like(p)) for p in params]
-        sgd_step(params, [p.grad for p in params], buffers, lr=self.lr, momentum=self.momentum,
-                 weight_decay=self.weight_decay, nesterov=self.nesterov)
-
-
-class AdamW:
-    """Adam with decoupled weight decay (torch.optim.AdamW math) on localize.kernels.adamw_step."""
-
-    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
-        self.params, self.lr, self.betas = list(params), lr, betas
-        self.eps, self.weight_decay = eps, weight_decay
-        self.state = {}  # param -> [step, exp_avg, exp_avg_sq]
-
-    def zero_grad(self):
-        for p in self.params:
-            p.grad = None
-
-    @torch.no_grad()
-    def step(self):
-        by_step = {}  # parameters that skipped steps (no gradient) keep their own count
-        for p in self.params:
-            if p.grad is None:
-                continue
-            state = self.state.setdefault(p, [0, torch.zeros_like(p), torch.zeros_like(p)])
-            state[0] += 1
-            by_step.setdefault(state[0], []).append(p)
-        for step, params in by_step.items():
-            adamw_step(params, [p.grad for p in params], [self.state[p][1] for p in params],
-                       [self.state[p][2] for p in params], step=step, lr=self.lr, betas=self.betas,
-                       eps=self.eps, weight_decay=self.weight_decay)
-
-
-'''
-
-_PROGRAM_MAIN = """def load_model_file(path):
-    spec = importlib.util.spec_from_file_location("localize_model_file", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=100, help="training steps (default 100)")
-    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    parser.add_argument("--seed", type=int, default=SEED)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--model-file", default=MODEL_FILE)
-    args = parser.parse_args(argv)
-
-    model_file = load_model_file(args.model_file)
-    loss_fn = getattr(model_file, "loss_fn", None) or cross_entropy_last_dim
-    blocks, heads = build()
-    for module in blocks + heads:
-        if module is not None:
-            module.to(args.device).train()
-    optimizers = make_optimizers(blocks, heads)
-    if hasattr(model_file, "dataset"):
-        train, _ = model_file.dataset()
-    else:
-        train, _ = random_dataset(INPUTS, OUTPUT_SHAPE, seed=args.seed)
-
-    torch.manual_seed(args.seed)  # the state `localize --train` starts training from
-    batches = iterate_batches(train, args.batch_size, args.seed)
-    for step in range(1, args.steps + 1):
-        inputs, target = next(batches)
-        inputs = tuple(x.to(args.device) for x in inputs)
-        losses = train_step(blocks, heads, optimizers, loss_fn, inputs, target.to(args.device), step)
-        print(f"step {step}: " + " ".join(repr(loss) for loss in losses), flush=True)
-
-
-if __name__ == "__main__":
-    main()
-"""

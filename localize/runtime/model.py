@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import math
 import operator
+import types
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,30 +15,18 @@ from torch import nn
 
 from localize.compiler.plan import BlockPlan, Plan
 from localize.compiler.tracer import lmeta
-from localize.errors import ConfigError, InputError, LocalizeError, TargetError
+from localize.errors import ConfigError, InputError, LocalizeError
+from localize.passes.build_step_graph import build_step_graph, schedule_of
 from localize.passes.cost import params_of
 from localize.passes.find_cut_points import compute_nodes
 from localize.runtime import checkpoint
 from localize.runtime.loss import LossFn
-from localize.runtime.schedule import ActionKind, Schedule, sequential_schedule
+from localize.runtime.ops import LossContext, NonFiniteLossError, StepState, head_loss, local_loss, run_step
+from localize.runtime.schedule import Schedule
 
-__all__ = ["Block", "LocalModel", "LossContext", "NonFiniteLossError"]
+__all__ = ["Block", "LocalModel", "LossContext", "NonFiniteLossError"]  # the last two from runtime.ops
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
-
-
-class NonFiniteLossError(LocalizeError):
-    """A local loss became NaN or infinite (``on_nan="raise"``)."""
-
-
-@dataclass
-class LossContext:
-    """What a head with its own ``local_loss`` may read besides its feature and the target."""
-
-    block: int
-    inputs: list[Any]  # the model's inputs of this step, in placeholder order
-    block_inputs: tuple  # the block's own (detached) inputs
-    loss_fn: LossFn  # the transform's loss (e.g. to score a classifier branch)
 
 
 @dataclass
@@ -96,7 +84,6 @@ class LocalModel(nn.Module):
         self.plan = plan
         self.loss_fn = loss_fn
         self.on_nan = on_nan
-        self.schedule: Schedule = sequential_schedule(plan.num_blocks)
         self.step_count = 0
         self._optimizer_factory = optimizer
         self._complete = complete
@@ -131,21 +118,13 @@ class LocalModel(nn.Module):
         return self.plan.annotated
 
     def _prepare_runtime(self) -> None:
-        nodes = list(self._program.graph.nodes)
-        self._nodes = nodes
-        index = {n: i for i, n in enumerate(nodes)}
-        self._block_node = {lmeta(n)["block"]: i for i, n in enumerate(nodes) if n.op == "call_module"}
-        last_use: dict[fx.Node, int] = {}
-        for i, n in enumerate(nodes):
-            for a in n.all_input_nodes:
-                last_use[a] = i
-        self._frees: list[list[fx.Node]] = [[] for _ in nodes]
-        for n, i in last_use.items():
-            self._frees[i].append(n)
-        out = nodes[-1]
+        """Check the loss has something to read, then build the step graph (heads are known now)."""
+        out = list(self._program.graph.nodes)[-1]
         leaf = out.args[0][self.plan.output_index]
         if not isinstance(leaf, fx.Node):
-            raise ConfigError("the selected output is a constant, not computed by the model; choose another output=")
+            raise ConfigError(
+                "the selected output is a constant, not computed by the model; choose another output="
+            )
         producer = leaf.args[0] if leaf.op == "call_function" and leaf.target is operator.getitem else None
         last = self.plan.num_blocks - 1
         if producer is None or lmeta(producer).get("block") != last:
@@ -153,12 +132,29 @@ class LocalModel(nn.Module):
                 "the selected output is not computed by the last block, so the last block would have no loss; "
                 "choose the model's final output with output="
             )
-        self._output_slot = leaf.args[1]
-        self._primary_slot: dict[int, int] = {}
-        for block in self.blocks[:-1]:
-            if block.plan.primary is not None:
-                self._primary_slot[block.index] = block.plan.outputs.index(block.plan.primary)
-        del index
+        self._loss_slots = [
+            b.plan.outputs.index(b.plan.primary)
+            if b.plan.primary is not None and b.aux is not None
+            else leaf.args[1]
+            for b in self.blocks
+        ]
+        self.__dict__["_steps"] = {}  # schedule text -> step GraphModule
+        step = self._step_for(None)
+        self.schedule: Schedule = schedule_of(step)
+        self._state = StepState(self.loss_fn, [], self.on_nan)
+
+    def _step_for(self, schedule: Schedule | None) -> fx.GraphModule:
+        key = str(schedule) if schedule is not None else ""
+        if key not in self._steps:
+            heads = [b.aux for b in self.blocks]
+            self._steps[key] = build_step_graph(self._program, heads, self._loss_slots, schedule)
+        return self._steps[key]
+
+    @property
+    def step_program(self) -> fx.GraphModule:
+        """The training step as a GraphModule: ``print(lm.step_program.code)`` shows what
+        ``train_step`` runs (``program.py`` holds the same code)."""
+        return self._step_for(None)
 
     def _ensure_ready(self, flat: list[Any]) -> None:
         if not self.plan.annotated:
@@ -211,7 +207,7 @@ class LocalModel(nn.Module):
         flat = self.plan.traced.bind(args, kwargs)
         self._check_devices(flat)
         self._ensure_ready(flat)
-        with _explain_failure(self, flat, "the model"):
+        with _explain_failure(self, flat):
             outs = self._program(*flat)
         return self.plan.traced.unflatten(list(outs))
 
@@ -241,155 +237,80 @@ class LocalModel(nn.Module):
     def train_step(self, inputs: Any, target: torch.Tensor, schedule: Schedule | None = None) -> list[float]:
         """One local-learning step over all blocks; returns the K local losses.
 
-        Each block runs forward from detached inputs, computes its loss (its aux head, or the
-        model's output for the last block), backpropagates inside itself, steps its optimizer and
-        frees its graph before the next block runs. ``inputs`` is a tensor, a tuple of tensors or
-        a dict of keyword tensors.
+        Runs the generated step (:attr:`step_program`): each block runs forward from detached
+        inputs, computes its loss (its aux head, or the model's output for the last block),
+        backpropagates inside itself, steps its optimizer and frees its graph before the next
+        block runs. ``inputs`` is a tensor, a tuple of tensors or a dict of keyword tensors.
         """
         flat = self._flat_inputs(inputs)
         self._check_devices(flat)
         self._ensure_ready(flat)
         self._ensure_optimizers()
-        losses: list[float] = [math.nan] * len(self.blocks)
-        runner = _Run(self, flat)
-        for action in schedule or self.schedule:
-            block = self.blocks[action.block]
-            if action.kind is ActionKind.FORWARD:
-                runner.forward(block)
-            elif action.kind is ActionKind.LOSS:
-                losses[block.index] = runner.loss(block, target)
-            else:
-                runner.update(block)
+        step = self._step_for(schedule if schedule is not None and schedule != self.schedule else None)
+        state = self._state
+        state.loss_fn, state.on_nan, state.step = self.loss_fn, self.on_nan, self.step_count
+        state.optimizers = [b.optimizer for b in self.blocks]
+        with _explain_failure(self, flat, blocks=self.blocks):
+            losses = run_step(step, state, flat, target)
         self.step_count += 1
         return losses
 
     def local_loss(
         self, block: int, outputs: tuple, target: torch.Tensor, context: LossContext | None = None
     ) -> torch.Tensor:
-        """Block ``block``'s loss on its forward outputs (aux head, or the model output if last).
+        """Block ``block``'s loss on its forward outputs (aux head, or the model output if last),
+        computed by the same runtime ops the step graph calls.
 
         A head that defines ``local_loss(feature, target, context)`` computes its own loss (e.g.
         reconstruction plus classification); any other head's output goes to ``loss_fn``.
         """
         b = self.blocks[block]
+        feature = outputs[self._loss_slots[block]]
+        state = StepState(self.loss_fn, [b.optimizer for b in self.blocks], self.on_nan, self.step_count)
         if b.aux is None:
             if block != len(self.blocks) - 1:
                 raise LocalizeError(f"block {block} has no activation to train an aux head on")
-            pred = outputs[self._output_slot]
-        elif hasattr(b.aux, "local_loss"):
-            feature = outputs[self._primary_slot[block]]
+            return local_loss(state, block, feature, target)
+        if hasattr(b.aux, "local_loss"):
             ctx = context or LossContext(block, [], (), self.loss_fn)
-            return b.aux.local_loss(feature, target, ctx)
-        else:
-            pred = b.aux(outputs[self._primary_slot[block]])
-        try:
-            return self.loss_fn(pred, target)
-        except LocalizeError:
-            raise
-        except Exception as e:  # noqa: BLE001 - a user loss failing on shapes is a target problem
-            raise TargetError(
-                f"loss_fn failed on prediction {tuple(pred.shape)} and target {tuple(target.shape)} "
-                f"(block {block}): {e}"
-            ) from e
-
-
-class _Run:
-    """State of one train step: program values computed so far, freed after their last use."""
-
-    def __init__(self, lm: LocalModel, flat: list[Any]) -> None:
-        self.lm = lm
-        self.env: dict[fx.Node, Any] = {}
-        self.next = 0
-        self.flat = flat
-        self.inputs = iter(flat)
-        self.block_inputs: dict[int, tuple] = {}
-        self.outputs: dict[int, tuple] = {}
-        self.losses: dict[int, torch.Tensor] = {}
-
-    def _advance(self, stop: int) -> None:
-        lm, env = self.lm, self.env
-        while self.next <= stop:
-            i, node = self.next, lm._nodes[self.next]
-            if node.op == "placeholder":
-                env[node] = next(self.inputs)
-            elif node.op == "call_module":
-                raise LocalizeError(f"schedule runs block {lmeta(node)['block']} before its inputs exist")
-            elif node.op == "output":
-                pass
-            else:
-                args = fx.node.map_arg(node.args, env.__getitem__)
-                if node.op == "call_method":
-                    env[node] = getattr(args[0], node.target)(*args[1:])
-                else:
-                    env[node] = node.target(*args)
-            for dead in lm._frees[i]:
-                env.pop(dead, None)
-            self.next += 1
-
-    def forward(self, block: Block) -> None:
-        pos = self.lm._block_node[block.index]
-        self._advance(pos - 1)
-        node = self.lm._nodes[pos]
-        args = fx.node.map_arg(node.args, self.env.__getitem__)
-        self.block_inputs[block.index] = tuple(args)
-        with torch.enable_grad(), _explain_failure(self.lm, self.flat, f"block {block.index}"):
-            outs = block.module(*args)
-        self.outputs[block.index] = outs
-        self.env[node] = outs
-        for dead in self.lm._frees[pos]:
-            self.env.pop(dead, None)
-        self.next = pos + 1
-
-    def loss(self, block: Block, target: torch.Tensor) -> float:
-        lm = self.lm
-        with torch.enable_grad():
-            ctx = LossContext(block.index, self.flat, self.block_inputs.get(block.index, ()), lm.loss_fn)
-            loss = lm.local_loss(block.index, self.outputs[block.index], target, ctx)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                if lm.on_nan == "raise":
-                    raise NonFiniteLossError(
-                        f"block {block.index} loss is {value} at step {lm.step_count}; lower the learning rate, "
-                        f"check the inputs, or pass on_nan='skip' to skip such updates"
-                    )
-                self.losses[block.index] = None  # type: ignore[assignment]
-                return value
-            if block.optimizer is not None:
-                block.optimizer.zero_grad(set_to_none=True)
-            if loss.requires_grad:
-                loss.backward()
-        self.losses[block.index] = loss
-        return value
-
-    def update(self, block: Block) -> None:
-        if self.losses.get(block.index) is not None and block.optimizer is not None:
-            block.optimizer.step()
-            if block.aux is not None and hasattr(block.aux, "after_update"):
-                block.aux.after_update()  # e.g. an EMA copy following the next block's layer
-        outs = self.outputs.pop(block.index, None)
-        if outs is not None:
-            node = self.lm._nodes[self.lm._block_node[block.index]]
-            detached = tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in outs)
-            if node in self.env:
-                self.env[node] = detached  # frees the block's autograd graph
-        self.losses.pop(block.index, None)
-        self.block_inputs.pop(block.index, None)
+            return head_loss(state, block, b.aux, feature, target, ctx.inputs, ctx.block_inputs)
+        return local_loss(state, block, b.aux(feature), target)
 
 
 @contextmanager
-def _explain_failure(lm: LocalModel, flat: list[Any], where: str):
-    """A torch error while running the graph almost always means inputs unlike the traced ones."""
+def _explain_failure(
+    lm: LocalModel, flat: list[Any], where: str = "the model", blocks: list[Block] | None = None
+):
+    """A torch error while running the model's graph almost always means inputs unlike the traced
+    ones. With ``blocks`` (the training step), only a failure inside a block's code is about the
+    inputs; the traceback says which block it was."""
     try:
         yield
     except (LocalizeError, torch.OutOfMemoryError):
         raise  # already explained, or not about the inputs
     except (RuntimeError, TypeError, IndexError, ValueError) as e:
+        if blocks is not None:
+            failed = _failed_block(e, blocks)
+            if failed is None:
+                raise
+            where = f"block {failed}"
         given = ", ".join(_describe(v) for v in flat)
         raise InputError(
             f"{where} failed on inputs ({given}): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
             f"It was traced with ({_traced_inputs(lm)}); pass inputs of the same kind (only the batch size may "
             f"differ). If the original model accepts these inputs, this is a localize bug: please report it"
         ) from e
+
+
+def _failed_block(error: BaseException, blocks: list[Block]) -> int | None:
+    """The block whose generated forward is on ``error``'s traceback (the innermost), if any."""
+    codes = {type(b.module).forward.__code__: b.index for b in blocks}
+    found = None
+    tb: types.TracebackType | None = error.__traceback__
+    while tb is not None:
+        found = codes.get(tb.tb_frame.f_code, found)
+        tb = tb.tb_next
+    return found
 
 
 def _describe(value: Any) -> str:
@@ -417,7 +338,9 @@ def _make_optimizer(factory: Any, block: Block) -> torch.optim.Optimizer:
     except LocalizeError:
         raise
     except Exception as e:  # noqa: BLE001 - the user's factory; report it as theirs
-        raise ConfigError(f"the optimizer factory failed for block {block.index}: {type(e).__name__}: {e}") from e
+        raise ConfigError(
+            f"the optimizer factory failed for block {block.index}: {type(e).__name__}: {e}"
+        ) from e
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise ConfigError(
             f"the optimizer factory must return a torch.optim.Optimizer, got {type(optimizer).__name__}; "
