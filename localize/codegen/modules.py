@@ -265,10 +265,15 @@ def _constructor(module: nn.Module) -> str | None:
         fresh = eval("nn." + text, namespace)  # noqa: S307 - our own repr of a torch.nn module, checked below
     except Exception:  # noqa: BLE001
         return None
-    same = repr(fresh) == text and {k: tuple(v.shape) for k, v in fresh.state_dict().items()} == {
-        k: tuple(v.shape) for k, v in module.state_dict().items()
-    }
+    same = repr(fresh) == text and _tensor_layout(fresh) == _tensor_layout(module)
     return "nn." + text if same else None
+
+
+def _tensor_layout(module: nn.Module) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """Parameter and buffer shapes by name: a constructor must rebuild both kinds (MAN keeps an EMA
+    copy's weights as buffers)."""
+    params = {k: tuple(v.shape) for k, v in module.named_parameters()}
+    return params, {k: tuple(v.shape) for k, v in module.named_buffers()}
 
 
 def _direct_tensors(gm: fx.GraphModule, consts: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:

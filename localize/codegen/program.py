@@ -166,7 +166,7 @@ def program_weights(lm: LocalModel, gen: Generated) -> dict[str, Any]:
 _PROGRAM_IMPORTS = {
     "import argparse",
     "import os",
-    "from localize.codegen.restore import load_tensors, tie",
+    "from localize.codegen.restore import load_tensors, mirror, tie",
     "from localize.compiler.model_file import load_model_file",
     "from localize.data import iterate_batches, random_dataset",
     "from localize.runtime.loss import cross_entropy_last_dim",
@@ -227,8 +227,7 @@ def _tie_lines(lm: LocalModel, parts: Generated) -> list[str]:
                     f"the aux head of block {block.index} refers to a {type(module).__name__} at {path!r} that no "
                     f"block holds"
                 )
-            where, index, sub = found
-            lines.append(f"tie(heads[{block.index}], {path!r}, {where}[{index}]{_submodule(sub)})")
+            lines.append(f"tie(heads[{block.index}], {path!r}, {found})")
     return lines
 
 
@@ -244,22 +243,28 @@ def _submodule(path: str) -> str:
     return "".join(_attr(p) for p in path.split(".")) if path else ""
 
 
-def _locate(target: nn.Module, lm: LocalModel) -> tuple[str, int, str] | None:
-    """Where a module lives in the blocks: the same object, or a container of its parameters
-    under the same names (fx keeps a traced layer's leaves, not the layer object itself)."""
-    params = dict(target.named_parameters())
+def _locate(target: nn.Module, lm: LocalModel) -> str | None:
+    """An expression for ``target`` in ``build()``: the block or head module that *is* it, or a
+    :func:`~localize.codegen.restore.mirror` of the block modules holding its parts (a split block
+    keeps a traced layer's leaves under flat names, not the layer object)."""
     for kind, roots in (("blocks", [b.module for b in lm.blocks]), ("heads", [b.aux for b in lm.blocks])):
         for index, root in enumerate(roots):
-            if root is None:
-                continue
-            for path, module in root.named_modules(remove_duplicate=False):
+            for path, module in root.named_modules(remove_duplicate=False) if root is not None else ():
                 if module is target:
-                    return kind, index, path
-                if kind == "blocks" and params:
-                    mine = dict(module.named_parameters())
-                    if all(mine.get(n) is p for n, p in params.items()):
-                        return kind, index, path
-    return None
+                    return f"{kind}[{index}]{_submodule(path)}"
+    if any(True for _ in target.parameters(recurse=False)) or any(True for _ in target.buffers(recurse=False)):
+        return None
+    parts = {}
+    for name, child in target.named_children():
+        found = _locate(child, lm)
+        if found is None:
+            if any(True for _ in child.parameters()) or any(True for _ in child.buffers()):
+                return None
+            continue  # a stateless part (an activation) the reference never reads
+        parts[name] = found
+    if not parts:
+        return None
+    return "mirror({" + ", ".join(f"{k!r}: {v}" for k, v in parts.items()) + "})"
 
 
 def _optimizers_source(lm: LocalModel) -> str:

@@ -29,7 +29,7 @@ from torch import nn
 
 from localize.errors import LocalizeError
 
-__all__ = ["ref", "restore", "load_tensors", "tie"]
+__all__ = ["ref", "restore", "load_tensors", "tie", "mirror"]
 
 TensorSpec = tuple[tuple[int, ...], torch.dtype, bool]  # shape, dtype, requires_grad (or persistent)
 
@@ -99,3 +99,18 @@ def tie(module: nn.Module, path: str, value: Any) -> None:
         holder._buffers[name] = value
     else:
         holder.__dict__[name] = value  # not registered: a plain attribute stays one
+
+
+def mirror(children: dict[str, nn.Module]) -> nn.Module:
+    """A plain module whose submodules are ``children`` (dotted paths): a layer of the model as a
+    view of the block modules that hold its parts (split blocks keep a layer's leaves, not the layer)."""
+    root = nn.Module()
+    for path, child in children.items():
+        holder = root
+        *owners, name = path.split(".")
+        for owner in owners:
+            if owner not in holder._modules:
+                holder.add_module(owner, nn.Module())
+            holder = holder._modules[owner]
+        holder.add_module(name, child)
+    return root
