@@ -203,8 +203,11 @@ def module_expr(module: nn.Module, path: str, code: ModuleCode, indent: int = 8)
         return "{}" if not items else "{\n" + "".join(f"{pad}    {i},\n" for i in items) + pad + "}"
 
     qual = f"{cls.__module__}:{cls.__qualname__}"
-    if "<locals>" in qual:
-        raise CodegenError(f"module {path!r} is an instance of {cls.__qualname__}, a class defined inside a function")
+    if "<" in qual or not _importable(cls.__module__, cls.__qualname__, cls):
+        raise CodegenError(
+            f"module {path!r} is a {cls.__qualname__} from {cls.__module__}, which generated code cannot import; "
+            f"define the class at the top level of a module"
+        )
     return (
         f"restore(\n{pad}{qual!r},\n{pad}{block(attributes)},\n{pad}{block(children)},\n"
         f"{pad}{_tensor_specs(params)},\n{pad}{_tensor_specs(buffers)},\n{' ' * indent})"

@@ -252,19 +252,23 @@ def _locate(target: nn.Module, lm: LocalModel) -> str | None:
             for path, module in root.named_modules(remove_duplicate=False) if root is not None else ():
                 if module is target:
                     return f"{kind}[{index}]{_submodule(path)}"
-    if any(True for _ in target.parameters(recurse=False)) or any(True for _ in target.buffers(recurse=False)):
-        return None
     parts = {}
-    for name, child in target.named_children():
-        found = _locate(child, lm)
-        if found is None:
-            if any(True for _ in child.parameters()) or any(True for _ in child.buffers()):
-                return None
-            continue  # a stateless part (an activation) the reference never reads
-        parts[name] = found
-    if not parts:
+    if not any(True for _ in target.parameters(recurse=False)) and not any(True for _ in target.buffers(recurse=False)):
+        for name, child in target.named_children():
+            found = _locate(child, lm)
+            if found is None and (any(True for _ in child.parameters()) or any(True for _ in child.buffers())):
+                break
+            if found is not None:  # else a stateless part (an activation) the reference never reads
+                parts[name] = found
+        else:
+            if parts:
+                return "mirror({" + ", ".join(f"{k!r}: {v}" for k, v in parts.items()) + "})"
+    # an exported block holds the layer's tensors under flat names: mirror them one by one
+    places = {id(t): (i, p) for b in lm.blocks for p, t in named_tensors(b.module).items() for i in [b.index]}
+    tensors = dict(target.named_parameters()) | dict(target.named_buffers())
+    if not tensors or any(id(t) not in places for t in tensors.values()):
         return None
-    return "mirror({" + ", ".join(f"{k!r}: {v}" for k, v in parts.items()) + "})"
+    return "mirror({" + ", ".join(f"{k!r}: {_get(('blocks', *places[id(t)]))}" for k, t in tensors.items()) + "})"
 
 
 def _optimizers_source(lm: LocalModel) -> str:

@@ -101,9 +101,10 @@ def tie(module: nn.Module, path: str, value: Any) -> None:
         holder.__dict__[name] = value  # not registered: a plain attribute stays one
 
 
-def mirror(children: dict[str, nn.Module]) -> nn.Module:
-    """A plain module whose submodules are ``children`` (dotted paths): a layer of the model as a
-    view of the block modules that hold its parts (split blocks keep a layer's leaves, not the layer)."""
+def mirror(children: dict[str, nn.Module | torch.Tensor]) -> nn.Module:
+    """A plain module whose submodules, parameters and buffers at the given dotted paths are these
+    very objects: a model layer as a view of the block parts that hold it (a split block keeps a
+    traced layer's leaves, or an exported layer's tensors, not the layer object)."""
     root = nn.Module()
     for path, child in children.items():
         holder = root
@@ -112,5 +113,10 @@ def mirror(children: dict[str, nn.Module]) -> nn.Module:
             if owner not in holder._modules:
                 holder.add_module(owner, nn.Module())
             holder = holder._modules[owner]
-        holder.add_module(name, child)
+        if isinstance(child, nn.Parameter):
+            holder.register_parameter(name, child)
+        elif isinstance(child, torch.Tensor):
+            holder.register_buffer(name, child)
+        else:
+            holder.add_module(name, child)
     return root
