@@ -79,8 +79,8 @@ def build_step_graph(
     state = graph.placeholder("state")
     inputs = []
     for n in nodes:
-        if n.op == "placeholder":
-            env[n] = graph.node_copy(n)
+        if n.op == "placeholder":  # no defaults: every input is passed, and the target follows them
+            env[n] = graph.placeholder(n.name, type_expr=n.type)
             inputs.append(env[n])
     target = graph.placeholder("target")
     needed = _feeding_blocks(list(calls.values()))  # the model output itself is not computed

@@ -21,7 +21,7 @@ import torch
 import localize
 from localize.cli.main import main, problems, summary_table
 from localize.codegen import artifacts
-from localize.codegen.modules import OptimizerSpec
+from localize.codegen.program import OptimizerSpec
 from localize.errors import ConfigError
 from localize.runtime.schedule import parse_schedule
 

@@ -22,6 +22,7 @@ import localize
 import localize.codegen.modules
 from localize.cli.main import main
 from localize.codegen.artifacts import block_inputs
+from localize.codegen.restore import load_tensors
 from localize.compiler.model_file import load_model_file, localize_file
 from localize.data import iterate_batches, random_dataset
 from localize.zoo import ResNet2d
@@ -148,7 +149,7 @@ def test_program_py_losses_equal_train_step(
     assert got == want  # exactly: same ops, same order, same RNG draws
 
 
-def test_program_py_imports_only_torch_kernels_and_stdlib(tmp_path: Path, capsys):
+def test_program_py_imports_only_torch_localize_and_stdlib(tmp_path: Path, capsys):
     path = tmp_path / "net.py"
     path.write_text(NET)
     out = tmp_path / "out"
@@ -161,7 +162,8 @@ def test_program_py_imports_only_torch_kernels_and_stdlib(tmp_path: Path, capsys
         elif isinstance(node, ast.ImportFrom):
             modules.add(node.module)
     third_party = {m for m in modules if m.split(".")[0] not in sys.stdlib_module_names and m != "__future__"}
-    assert {m for m in third_party if not m.startswith("torch")} == {"localize.kernels"}
+    assert {m.split(".")[0] for m in third_party} == {"torch", "localize"}
+    assert "localize.runtime.ops" in third_party and "localize.runtime.optim" in third_party
 
 
 def _import_file(path: Path):
@@ -184,14 +186,14 @@ def test_block_files_rebuild_blocks_and_heads_of_a_resnet(tmp_path: Path):
         path.write_text(localize.codegen.modules.block_source(lm, block.index, gen))
         module = _import_file(path)
         rebuilt = getattr(module, f"Block{block.index}")()
-        rebuilt.load_state_dict(weights["blocks"][block.index], assign=True)
+        load_tensors(rebuilt, weights["blocks"][block.index])
         with torch.no_grad():
             want, got = block.module(*args[block.index]), rebuilt.eval()(*args[block.index])
             for w, g in zip(want, got):
                 torch.testing.assert_close(g, w, rtol=0, atol=0)
             if block.aux is not None:
                 head = getattr(module, f"Head{block.index}")()
-                head.load_state_dict(weights["heads"][block.index], assign=True)
+                load_tensors(head, weights["heads"][block.index])
                 feature = want[block.plan.outputs.index(block.plan.primary)]
                 torch.testing.assert_close(head.eval()(feature), block.aux(feature), rtol=0, atol=0)
             else:
@@ -216,8 +218,8 @@ def test_readable_head_names_layers_after_their_type():
     torch.testing.assert_close(gm(x), head(x), rtol=0, atol=0)
 
 
-def test_module_without_constructor_code_is_a_codegen_error():
-    class Custom(torch.nn.Module):  # not in torch.nn: generated code could not construct it
+def test_module_of_a_class_generated_code_cannot_import_is_a_codegen_error():
+    class Custom(torch.nn.Module):  # defined in a function: generated code could not import it
         def __init__(self):
             super().__init__()
             self.w = torch.nn.Parameter(torch.ones(4))
@@ -231,7 +233,7 @@ def test_module_without_constructor_code_is_a_codegen_error():
 
     net = torch.nn.Sequential(torch.nn.Linear(4, 4), Custom())
     gm = torch.fx.GraphModule(net, Leafy().trace(net))
-    with pytest.raises(localize.codegen.modules.CodegenError, match=r"module '1' .*Custom.* no one-line constructor"):
+    with pytest.raises(localize.codegen.modules.CodegenError, match=r"module '1' is a .*Custom.* cannot import"):
         localize.codegen.modules.module_code(gm, "Block0", "doc")
     # a torch.nn leaf is written as its constructor and rebuilds an equal module
     code = localize.codegen.modules.module_code(
@@ -241,6 +243,15 @@ def test_module_without_constructor_code_is_a_codegen_error():
 
 
 def test_codegen_doctests():
-    for module in (localize.codegen.modules, sys.modules["localize.compiler.model_file"], sys.modules["localize.cli.train"]):
+    import localize.cli.train
+    import localize.codegen.program
+    import localize.codegen.restore
+
+    for module in (
+        localize.codegen.modules,
+        localize.codegen.program,
+        localize.codegen.restore,
+        localize.cli.train,
+    ):
         result = doctest.testmod(module)
         assert result.failed == 0 and result.attempted > 0, module.__name__

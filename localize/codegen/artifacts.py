@@ -3,7 +3,7 @@
 Every artifact is a function of a :class:`~localize.LocalModel` (and the model file's options):
 
 * ``plan.json`` (:func:`plan_document`): blocks, cuts, schedule, versions; schema in
-  ``localize/plan.schema.json``;
+  ``localize/codegen/plan.schema.json``;
 * ``schedule.txt``: the schedule as compact actions (``B0:F B0:L B0:U ...``);
 * ``block_<i>.py``, ``program.py``, ``weights.pt``: generated code (:mod:`localize.codegen.modules`),
   checked by running it against the blocks;
@@ -525,7 +525,7 @@ def plan_document(
     program: dict[str, Any] | None = None,
     graph: str | None = None,
 ) -> dict[str, Any]:
-    """The plan as JSON-ready data; ``localize/plan.schema.json`` describes it."""
+    """The plan as JSON-ready data; ``localize/codegen/plan.schema.json`` describes it."""
     plan = lm.plan
     by_name = {n.name: n for n in plan.gm.graph.nodes}
     later_inputs = [set(bp.inputs) for bp in plan.blocks]

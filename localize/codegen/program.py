@@ -15,7 +15,8 @@ Example:
     >>> lm = localize.transform(net, blocks=2, example_inputs=(torch.randn(2, 4),))
     >>> text = program_source(lm, model_file="net.py", optimizer=OptimizerSpec.build("adamw", None),
     ...                       batch_size=8, seed=0, example_inputs=(torch.randn(2, 4),))
-    >>> lm.step_program.code.strip() in text
+    >>> import textwrap
+    >>> textwrap.indent(lm.step_program.code.strip(), "    ") in text  # TrainStep.forward, verbatim
     True
 '''
 

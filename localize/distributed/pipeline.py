@@ -56,7 +56,8 @@ from torch import nn
 from localize.distributed.stages import Layout, StagePlan, stage_plan
 from localize.distributed.wire import Link, Op, PeerError, one_line
 from localize.errors import ConfigError, LocalizeError, PlanError, TraceError, VerificationError
-from localize.runtime.model import LocalModel, LossContext, NonFiniteLossError, _make_optimizer
+from localize.runtime import ops
+from localize.runtime.model import LocalModel, _make_optimizer
 
 __all__ = [
     "DistributedResult",
@@ -398,6 +399,7 @@ class _Pipeline:
         self.prev = self._link(self.rank - 1, depth) if self.stage > 0 else None
         self.next = self._link(self.rank + 1, depth) if self.stage < self.layout.stages - 1 else None
         self.node_index = {n: i for i, n in enumerate(self.plan.placeholders)}
+        self.state = ops.StepState(lm.loss_fn, [], lm.on_nan, where=f" (rank {self.rank})")
 
     def describe(self, rank: int) -> str:
         return f"rank {rank} (stage {self.layout.stage_of(rank)}, replica {self.layout.replica_of(rank)})"
@@ -535,36 +537,33 @@ class _Pipeline:
             self.next.send(step, epoch, [target] + [env[n] for n in self.plan.sends[self.stage]])
         inputs = [env[p] for p in self.plan.placeholders] if self.plan.reads_inputs[self.stage] else []
         del env
+        # the block's L and U actions: the same runtime ops the step graph calls, in the same order
+        b, state = block.index, self.state
+        state.step, state.optimizers = lm.step_count, [x.optimizer for x in lm.blocks]
+        feature = outputs[lm._loss_slots[b]]
         with torch.enable_grad():
-            ctx = LossContext(block.index, inputs, block_inputs, lm.loss_fn)
-            loss = lm.local_loss(block.index, outputs, target, ctx)
-            value = float(loss.detach())
-            finite = math.isfinite(value)
-            if finite:
-                if block.optimizer is not None:
-                    block.optimizer.zero_grad(set_to_none=True)
-                if loss.requires_grad:
-                    loss.backward()
-        del outputs, loss
+            if block.aux is None:
+                loss = ops.local_loss(state, b, feature, target)
+            elif hasattr(block.aux, "local_loss"):
+                loss = ops.head_loss(state, b, block.aux, feature, target, inputs, block_inputs)
+            else:
+                loss = ops.local_loss(state, b, block.aux(feature), target)
+            value = ops.backward(state, b, loss)
+        del outputs, feature, loss
         if self.stage_group is not None:
-            value, finite = self._all_reduce(value, finite)
-        if not finite:
-            if lm.on_nan == "raise":
-                raise NonFiniteLossError(
-                    f"block {block.index} loss is {value} at step {lm.step_count} (rank {self.rank}); lower the "
-                    f"learning rate, check the inputs, or pass on_nan='skip' to skip such updates"
-                )
-        elif block.optimizer is not None:
-            block.optimizer.step()
-            if block.aux is not None and hasattr(block.aux, "after_update"):
-                block.aux.after_update()
+            value = self._all_reduce(value)  # NaN on any replica skips every replica's update
+        value = ops.check_loss(state, b, value)
+        value = ops.optimizer_step(state, b, value)
+        if block.aux is not None and hasattr(block.aux, "after_update"):
+            ops.after_update(state, b, block.aux, value)
         lm.step_count += 1
         return value
 
     # -------------------------------------------------------------- replicas
 
-    def _all_reduce(self, value: float, finite: bool) -> tuple[float, bool]:
+    def _all_reduce(self, value: float) -> float:
         """Average gradients and the loss over the stage's replicas (like DDP); NaN anywhere skips all."""
+        finite = math.isfinite(value)
         params = self.block.trainable
         had_grad = [finite and p.grad is not None for p in params]
         grads = [p.grad if ok else torch.zeros_like(p) for p, ok in zip(params, had_grad)]
@@ -583,8 +582,7 @@ class _Pipeline:
                 g.copy_(reduced)
         for p, g, ok in zip(params, grads, had_grad):
             p.grad = g if ok else None  # params without a gradient stay skipped, as in one process
-        total = float(loss) / replicas
-        return total, math.isfinite(total)
+        return float(loss) / replicas
 
     def _broadcast_buffers(self) -> None:
         """Replica 0's buffers (batch-norm statistics) before each forward, like DDP."""

@@ -34,6 +34,7 @@ import torch.fx as fx
 
 from localize.compiler.tracer import lmeta
 from localize.errors import ConfigError
+from localize.passes.build_step_graph import reads_model_inputs
 
 __all__ = ["Layout", "StagePlan", "stage_plan", "reads_model_inputs"]
 
@@ -102,15 +103,6 @@ class StagePlan:
             if s < len(self.sends):
                 lines.append(f"  {s} -> {s + 1}: {', '.join(['target'] + [n.name for n in self.sends[s]])}")
         return "\n".join(lines)
-
-
-def reads_model_inputs(head) -> bool:
-    """Whether a head's loss may read ``LossContext.inputs`` (then the model inputs travel to it).
-
-    Heads with their own ``local_loss`` may (e.g. InfoPro reconstructs the input image); a head
-    that does not can say so with ``reads_model_inputs = False``.
-    """
-    return head is not None and hasattr(head, "local_loss") and getattr(head, "reads_model_inputs", True)
 
 
 def stage_plan(lm) -> StagePlan:
