@@ -114,7 +114,7 @@ def build_step_graph(
 
     def head_node(b: int) -> fx.Node:
         if b not in head_attr:
-            head_attr[b] = tag(graph.get_attr(f"head_{b}"), b)
+            head_attr[b] = tag(graph.create_node("get_attr", f"head_{b}", name=f"aux_{b}"), b)
         return head_attr[b]
 
     emit_ready()

@@ -24,12 +24,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from program_helpers import write_program
 
 import localize
+from localize.aux import available
 from localize.data import epoch_batches
 from localize.distributed import iter_batches, load_checkpoint, load_local_model, model_state_dict
-from localize.distributed.stages import Layout, stage_plan
+from localize.distributed.stages import Layout, split_step
 from localize.distributed.wire import flatten_values, one_line, unflatten_values
+from localize.runtime.ops import NonFiniteLossError, StepState, run_step
 
 # A model whose later blocks read values block 0 makes: the mask (a model input) and an int size.
 MASKED = """
@@ -222,12 +225,12 @@ def _wait(procs: list, timeout: float = 60) -> list[tuple[int, str, str]]:
     return results
 
 
-def _reference(model: Path, blocks: int, batch_size: int) -> localize.LocalModel:
+def _reference(model: Path, blocks: int, batch_size: int, **options) -> localize.LocalModel:
     """The same LocalModel trained in one process over the same batches, with one thread like the ranks."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        lm, mf = load_local_model(str(model), blocks)
+        lm, mf = load_local_model(str(model), blocks, **options)
         for x, y in iter_batches(mf.dataset()[0], batch_size):
             lm.train_step(x, y)
     finally:
@@ -244,16 +247,22 @@ def _assert_same_state(got: dict, want: dict, atol: float) -> None:
 # ----------------------------------------------------------------------------------------------- no processes
 
 
-def test_stage_plan_forwards_values_to_the_blocks_that_read_them(files):
+def test_split_step_forwards_values_to_the_blocks_that_read_them(files):
     lm, _ = load_local_model(str(files["masked"]), 4)
-    plan = stage_plan(lm)
-    assert [sum(n.op == "call_module" for n in c) for c in plan.compute] == [1, 1, 1, 1]
-    cuts = [[n for n in s if n.op == "call_method" and n.target == "detach"] for s in plan.sends]
-    assert all(len(c) == 1 for c in cuts)  # one activation per boundary, the rest are forwarded
-    forwarded = [{n.name for n in s if n not in c} for s, c in zip(plan.sends, cuts)]
+    stages = split_step(lm)
+    step_nodes = {n.name: n for n in lm.step_program.graph.nodes}
+    for s in stages:  # one block per stage; every other node is the step graph's own node
+        calls = [n for n in s.program.graph.nodes if n.op == "call_module" and n.target.startswith("block_")]
+        assert [n.target for n in calls] == [f"block_{s.stage}"]
+    cuts = [[v for v in s.sends if step_nodes[v].op == "call_method" and step_nodes[v].target == "detach"] for s in stages]
+    assert all(len(c) == 1 for c in cuts[:-1]) and stages[-1].sends == []  # one activation per boundary
+    forwarded = [set(s.sends) - set(c) for s, c in zip(stages[:-1], cuts)]
     # the mask (a model input) and block 0's int size travel through every stage to the blocks reading them
-    assert forwarded[0] == forwarded[1] == forwarded[2] and len(forwarded[0]) == 2 and "mask" in forwarded[0]
-    assert "0 -> 1: target, mask" in str(plan)
+    assert forwarded[0] == forwarded[1] == forwarded[2] and len(forwarded[0]) == 3 and {"mask", "target"} < forwarded[0]
+    assert stages[0].sends[0] == "target" and stages[1].receives == stages[0].sends
+    code = stages[1].program.code
+    assert "localize_distributed_ops_recv(state)" in code and "localize_distributed_ops_send(state" in code
+    assert "all_reduce" not in code and "all_reduce_gradients" in split_step(lm, replicas=2)[1].program.code
 
 
 def test_messages_flatten_and_rebuild_nested_values():
@@ -387,6 +396,47 @@ def test_four_processes_forwarding_values_equal_the_in_process_schedule(files, t
     assert [r[0] for r in results] == [0, 0, 0, 0], [r[2][-1500:] for r in results]
     ref = _reference(files["masked"], 4, 10)
     _assert_same_state(load_checkpoint(ckpt), ref.state_dict(), atol=1e-6)
+
+
+NAN = MLP.replace("x = torch.randn(60, 16, generator=g)", "x = torch.randn(60, 16, generator=g)\n    x[20:] = float('nan')")
+
+
+@pytest.mark.parametrize("aux", [a for a in available() if a != "man"])  # man reads the next stage's layer
+def test_pipeline_program_and_in_process_end_with_the_same_parameters(aux, files, tmp_path):
+    """Three steps of the same batches: 2 ranks over gloo, program.py, and LocalModel.train_step."""
+    ckpt = tmp_path / "ckpt"
+    procs = _launch(files["masked"], 2, "--blocks", "2", "--aux", aux, "--batch-size", "15", "--checkpoint", str(ckpt))
+    program_lm, mf = load_local_model(str(files["masked"]), 2, aux=aux)
+    program = write_program(program_lm, mf.example_inputs(), tmp_path / "program")
+    ref = _reference(files["masked"], 2, 15, aux=aux)
+    results = _wait(procs)
+    assert [r[0] for r in results] == [0, 0], [r[2][-1500:] for r in results]
+    _assert_same_state(load_checkpoint(ckpt), ref.state_dict(), atol=0)
+    step = program.build().train()
+    state = StepState(ref.loss_fn, program.make_optimizers(step))
+    batches = list(iter_batches(mf.dataset()[0], 15))
+    assert len(batches) == 3
+    for x, y in batches:
+        run_step(step, state, list(x), y)
+    for block in ref.blocks:
+        got = dict(step.get_submodule(f"block_{block.index}").named_parameters())
+        for name, want in block.module.named_parameters():
+            torch.testing.assert_close(got[name], want, atol=0, rtol=0, msg=f"block {block.index} {name}")
+
+
+def test_a_nan_loss_stops_the_pipeline_with_the_in_process_message(tmp_path):
+    """on_nan exists once (runtime.ops.check_loss): the rank that meets it says what train_step says."""
+    model = tmp_path / "nan.py"
+    model.write_text(NAN)
+    results = _wait(_launch(model, 2, "--blocks", "2", "--batch-size", "10"))
+    lm, mf = load_local_model(str(model), 2)
+    batches = list(iter_batches(mf.dataset()[0], 10))
+    for x, y in batches[:2]:
+        lm.train_step(x, y)
+    with pytest.raises(NonFiniteLossError) as raised:
+        lm.train_step(*batches[2])
+    want = str(raised.value).split(";")[0]  # "block 0 loss is nan at step 2"
+    assert results[0][0] == 1 and f"{want} (rank 0);" in results[0][2], results[0][2][-800:]
 
 
 def test_replicas_average_gradients_like_one_big_batch(files, tmp_path):

@@ -9,7 +9,6 @@ every zoo architecture, and the ``on_nan`` policy.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import sys
 import textwrap
@@ -17,13 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from program_helpers import import_file, write_program
 from zoo_models import ENTRIES
 
 import localize
 from localize.aux import available
 from localize.cli.main import main
-from localize.codegen.modules import generate
-from localize.codegen.program import OptimizerSpec, program_source, program_weights
 from localize.compiler.model_file import load_model_file, localize_file
 from localize.data import iterate_batches
 from localize.runtime.ops import NonFiniteLossError, StepState, run_step
@@ -62,26 +60,6 @@ NET = textwrap.dedent(
             return self.c(self.layers(h))
     """
 )
-
-
-def _import(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def write_program(lm, example: tuple, folder: Path, optimizer: str = "adamw", lr: float | None = None):
-    """program.py and weights.pt for ``lm`` as it is now, imported as a module."""
-    folder.mkdir(parents=True, exist_ok=True)
-    gen = generate(lm)
-    spec = OptimizerSpec.build(optimizer, lr)
-    text = program_source(
-        lm, model_file="unused.py", optimizer=spec, batch_size=4, seed=0, example_inputs=example, gen=gen
-    )
-    (folder / "program.py").write_text(text)
-    torch.save(program_weights(lm, gen), folder / "weights.pt")
-    return _import(folder / "program.py", f"program_{folder.name}_{id(lm)}")
 
 
 def run_program(program, lm, batches: list, seed: int) -> list[list[float]]:
@@ -171,7 +149,7 @@ def test_program_losses_equal_train_step_for_every_example(example: str, tmp_pat
     argv = [str(model_file), "--blocks", "2", "--out", str(out), "--no-onnx", "--batch-size", "8", "--seed", "4"]
     assert main(argv) == 0, capsys.readouterr().err
     assert (out / "program.py").exists()
-    program = _import(out / "program.py", f"program_example_{example}")
+    program = import_file(out / "program.py", f"program_example_{example}")
     mf = load_model_file(str(model_file))
     lm, _ = localize_file(mf, blocks=2, seed=4)
     batches_from = iterate_batches(mf.dataset()[0], 8, 4)

@@ -18,13 +18,13 @@ from localize.distributed.pipeline import (
     run_cli,
     train,
 )
-from localize.distributed.stages import Layout, StagePlan, stage_plan
+from localize.distributed.stages import Layout, StageProgram, split_step
 
 __all__ = [
     "DistributedResult",
     "Layout",
     "PeerError",
-    "StagePlan",
+    "StageProgram",
     "is_main_process",
     "iter_batches",
     "load_checkpoint",
@@ -33,6 +33,6 @@ __all__ = [
     "main_from_cli",
     "model_state_dict",
     "run_cli",
-    "stage_plan",
+    "split_step",
     "train",
 ]

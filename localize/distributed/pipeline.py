@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import operator
 import os
 import sys
 import time
@@ -50,10 +49,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.fx as fx
 from torch import nn
 
-from localize.distributed.stages import Layout, StagePlan, stage_plan
+from localize.distributed.ops import EndOfStream
+from localize.distributed.stages import Layout, StageProgram, split_step
 from localize.distributed.wire import Link, Op, PeerError, one_line
 from localize.errors import ConfigError, LocalizeError, PlanError, TraceError, VerificationError
 from localize.runtime import ops
@@ -63,7 +62,7 @@ __all__ = [
     "DistributedResult",
     "Layout",
     "PeerError",
-    "StagePlan",
+    "StageProgram",
     "is_main_process",
     "iter_batches",
     "load_checkpoint",
@@ -72,7 +71,7 @@ __all__ = [
     "main_from_cli",
     "model_state_dict",
     "run_cli",
-    "stage_plan",
+    "split_step",
     "train",
 ]
 
@@ -173,7 +172,7 @@ def train(
     created = _init_process_group(len(lm.blocks), backend, startup_timeout)
     groups: list[dist.ProcessGroup] = []
     try:
-        run = _Pipeline(lm, timedelta(seconds=timeout), device, depth, groups)
+        run = Pipeline(lm, timedelta(seconds=timeout), device, depth, groups)
         return run.train(data, epochs, batch_size, shuffle, seed, checkpoint, gather, log)
     finally:
         for g in groups:
@@ -360,7 +359,7 @@ def _quietly(fn: Callable, *args: Any) -> None:
 # ----------------------------------------------------------------------------------------------- runtime
 
 
-class _Pipeline:
+class Pipeline:
     """One rank's part: its stage's block, its links to the neighbours, its replica group."""
 
     def __init__(
@@ -372,7 +371,7 @@ class _Pipeline:
         self.layout = Layout.of(dist.get_world_size(), len(lm.blocks))
         self.stage = self.layout.stage_of(self.rank)
         self.replica = self.layout.replica_of(self.rank)
-        self.plan: StagePlan = stage_plan(lm)
+        self.program: StageProgram = split_step(lm, self.layout.replicas)[self.stage]
         self.device = _device_for(device)
         # the training traffic uses groups with the short timeout (the default group keeps the long
         # rendezvous one); every rank creates every group, in the same order
@@ -398,8 +397,8 @@ class _Pipeline:
         self.entries = _block_entries(lm, self.stage)  # what this block may change, for checkpoints
         self.prev = self._link(self.rank - 1, depth) if self.stage > 0 else None
         self.next = self._link(self.rank + 1, depth) if self.stage < self.layout.stages - 1 else None
-        self.node_index = {n: i for i, n in enumerate(self.plan.placeholders)}
-        self.state = ops.StepState(lm.loss_fn, [], lm.on_nan, where=f" (rank {self.rank})")
+        self.state = ops.StepState(lm.loss_fn, [], lm.on_nan, where=f" (rank {self.rank})", comm=self)
+        self.step_no, self.epoch, self.samples = 0, 0, 0  # the microbatch in flight, for messages
 
     def describe(self, rank: int) -> str:
         return f"rank {rank} (stage {self.layout.stage_of(rank)}, replica {self.layout.replica_of(rank)})"
@@ -455,40 +454,60 @@ class _Pipeline:
         lm = self.lm
         lm.train()
         losses: list[float] = []
-        samples = 0
         self._collective("starting with", lambda: dist.barrier(group=self.group))
         start, cpu = time.perf_counter(), time.process_time()
+        step = 0
         if self.stage == 0:
-            step = 0
             for epoch in range(epochs):
                 for batch in iter_batches(data, batch_size, shuffle=shuffle, seed=seed, epoch=epoch):
                     flat, target = self._shard(batch, step)
-                    samples += _batch_len(target)
-                    env = {p: flat[i] for p, i in self.node_index.items()}
-                    losses.append(self._step(env, target, step, epoch))
+                    self.samples += _batch_len(target)
+                    self.step_no, self.epoch = step, epoch
+                    losses.append(self._run([*flat, target]))
                     step += 1
                 self._log_epoch(log, epoch, epochs, losses)
-            if self.next is not None:
-                self.next.stop(step, epochs - 1)
+            last_epoch = epochs - 1
         else:
-            step, epoch, seen = 0, 0, 0
+            epoch, seen = 0, 0
             while True:
-                msg = self.prev.recv(step)
-                if msg.op is Op.STOP:
+                self.step_no = step
+                try:
+                    value = self._run([])  # the stage program receives first
+                except EndOfStream as end:
+                    last_epoch = end.epoch
                     break
-                if msg.epoch != epoch:
+                if self.epoch != epoch:
                     self._log_epoch(log, epoch, epochs, losses[seen:])
-                    epoch, seen = msg.epoch, len(losses)
-                target, *values = msg.values
-                samples += _batch_len(target)
-                env = dict(zip(self.plan.sends[self.stage - 1], values))
-                losses.append(self._step(env, target, step, msg.epoch))
+                    epoch, seen = self.epoch, len(losses)
+                losses.append(value)
                 step += 1
             self._log_epoch(log, epoch, epochs, losses[seen:])
-            if self.next is not None:
-                self.next.stop(step, msg.epoch)
+        if self.next is not None:
+            self.next.stop(step, last_epoch)
         elapsed, self.cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
-        return self._finish(step, samples, elapsed, losses, checkpoint, gather, log)
+        return self._finish(step, self.samples, elapsed, losses, checkpoint, gather, log)
+
+    def _run(self, args: list[Any]) -> float:
+        """This stage's slice of the generated step on one microbatch."""
+        state = self.state
+        state.step, state.optimizers = self.lm.step_count, [b.optimizer for b in self.lm.blocks]
+        with torch.enable_grad():
+            value = self.program.program(state, *args)
+        self.lm.step_count += 1
+        return value
+
+    # -------------------------------------------------------------- what the stage's ops call
+
+    def receive(self) -> list[Any]:
+        msg = self.prev.recv(self.step_no)
+        if msg.op is Op.STOP:
+            raise EndOfStream(msg.epoch)
+        self.epoch = msg.epoch
+        self.samples += _batch_len(msg.values[0])  # the target comes first
+        return msg.values
+
+    def send_on(self, values: list[Any]) -> None:
+        self.next.send(self.step_no, self.epoch, values)
 
     def _shard(self, batch: Any, step: int) -> tuple[list[Any], Any]:
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
@@ -509,59 +528,9 @@ class _Pipeline:
             target = _split(target, r, replicas)
         return [_to(v, self.device) for v in flat], _to(target, self.device)
 
-    def _step(self, env: dict[fx.Node, Any], target: Any, step: int, epoch: int) -> float:
-        """Forward through this stage's nodes, send on, local loss, (all-reduce), update."""
-        lm, block = self.lm, self.block
-        if self.stage_group is not None:
-            self._broadcast_buffers()
-        block_inputs: tuple = ()
-        outputs: tuple = ()
-        for node in self.plan.compute[self.stage]:
-            if node.op == "placeholder":
-                continue  # stage 0 put the inputs in env
-            args = fx.node.map_arg(node.args, env.__getitem__)
-            if node.op == "call_module":
-                block_inputs = tuple(args)
-                with torch.enable_grad():
-                    outputs = block.module(*args)
-                env[node] = outputs
-                continue
-            kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
-            if node.op == "call_method":
-                env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
-            elif node.op == "get_attr":
-                env[node] = operator.attrgetter(node.target)(lm.program)
-            else:
-                env[node] = node.target(*args, **kwargs)
-        if self.next is not None:  # hand on first: the next stage starts while this one learns
-            self.next.send(step, epoch, [target] + [env[n] for n in self.plan.sends[self.stage]])
-        inputs = [env[p] for p in self.plan.placeholders] if self.plan.reads_inputs[self.stage] else []
-        del env
-        # the block's L and U actions: the same runtime ops the step graph calls, in the same order
-        b, state = block.index, self.state
-        state.step, state.optimizers = lm.step_count, [x.optimizer for x in lm.blocks]
-        feature = outputs[lm._loss_slots[b]]
-        with torch.enable_grad():
-            if block.aux is None:
-                loss = ops.local_loss(state, b, feature, target)
-            elif hasattr(block.aux, "local_loss"):
-                loss = ops.head_loss(state, b, block.aux, feature, target, inputs, block_inputs)
-            else:
-                loss = ops.local_loss(state, b, block.aux(feature), target)
-            value = ops.backward(state, b, loss)
-        del outputs, feature, loss
-        if self.stage_group is not None:
-            value = self._all_reduce(value)  # NaN on any replica skips every replica's update
-        value = ops.check_loss(state, b, value)
-        value = ops.optimizer_step(state, b, value)
-        if block.aux is not None and hasattr(block.aux, "after_update"):
-            ops.after_update(state, b, block.aux, value)
-        lm.step_count += 1
-        return value
-
     # -------------------------------------------------------------- replicas
 
-    def _all_reduce(self, value: float) -> float:
+    def all_reduce(self, value: float) -> float:
         """Average gradients and the loss over the stage's replicas (like DDP); NaN anywhere skips all."""
         finite = math.isfinite(value)
         params = self.block.trainable
@@ -584,7 +553,7 @@ class _Pipeline:
             p.grad = g if ok else None  # params without a gradient stay skipped, as in one process
         return float(loss) / replicas
 
-    def _broadcast_buffers(self) -> None:
+    def broadcast_buffers(self) -> None:
         """Replica 0's buffers (batch-norm statistics) before each forward, like DDP."""
         buffers = list(self.block.module.buffers())
         if self.block.aux is not None:

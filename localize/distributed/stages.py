@@ -1,26 +1,30 @@
-"""Where each program value is computed and which values cross each stage boundary.
+"""Each stage's slice of the step graph: the program one rank runs, with send/recv where values cross.
 
-A pipeline of K stages runs block ``s`` on stage ``s``. Every top-level program node gets an owner
-stage: a block call its block, a ``getitem`` on a block call that block (so only the needed parts
-of a block's output tuple travel), a placeholder stage 0 (it reads the data), any other node the
-latest stage among its inputs. A value crosses boundary ``s -> s+1`` when a stage ``<= s`` computes
-it and a stage ``> s`` reads it, so a value that block 0 makes and block 3 reads is forwarded by
-stages 1 and 2. The model output node is not run: each stage only computes its own loss.
+A pipeline of K stages runs block ``s`` on stage ``s``. :func:`split_step` splits
+:attr:`LocalModel.step_program` as ``split_module`` splits a model: every step node gets an owner
+stage (a block's call, its outputs, its head, loss and update ops: that block's stage; the model
+inputs and the target: stage 0; a cut or getitem between blocks: the latest stage among its inputs),
+and a value crosses boundary ``s -> s+1`` when a stage ``<= s`` computes it and a stage ``> s``
+reads it, so a value that block 0 makes and block 3 reads is forwarded by stages 1 and 2. Stage
+``s > 0`` starts with a :func:`~localize.distributed.ops.recv` node and every stage but the last
+sends on right after its block's forward (:func:`~localize.distributed.ops.send`), before it learns,
+so the next stage starts at once. With replicas, a stage all-reduces its gradients between
+``backward`` and ``check_loss`` and shares batch-norm buffers before its forward.
+
+The nodes a stage runs are the step graph's own nodes, in the step's order; fx writes each stage's
+code as it writes the step's.
 
 Example:
     >>> import torch, localize
-    >>> from localize.distributed.stages import Layout, stage_plan
+    >>> from localize.distributed.stages import Layout, split_step
     >>> net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16),
     ...                           torch.nn.ReLU(), torch.nn.Linear(16, 3))
     >>> lm = localize.transform(net, blocks=2, example_inputs=(torch.randn(4, 8),))
-    >>> plan = stage_plan(lm)
-    >>> [[n.op for n in nodes] for nodes in plan.compute]  # the input and block 0 on stage 0
-    [['placeholder', 'call_module', 'call_function', 'call_method'], ['call_module', 'call_function']]
-    >>> [n.op for n in plan.sends[0]]  # only the cut activation travels (with the target)
-    ['call_method']
-
-    ``print(plan)`` lists the node names, e.g. ``stage 0: input_1, submod_0, getitem, cut_1__1`` /
-    ``0 -> 1: target, cut_1__1`` / ``stage 1: submod_1, getitem_1``.
+    >>> stages = split_step(lm)
+    >>> [s.sends for s in stages]  # only the cut activation travels, with the target
+    [['target', 'cut_1__1'], []]
+    >>> print(stages[1].program.code.strip().splitlines()[1])
+        recv = localize_distributed_ops_recv(state)
     >>> Layout.of(world_size=4, stages=2).grid()
     'stage 0: ranks 0, 2 | stage 1: ranks 1, 3'
 """
@@ -32,11 +36,11 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from localize.compiler.tracer import lmeta
+from localize.distributed import ops as dist_ops
 from localize.errors import ConfigError
-from localize.passes.build_step_graph import reads_model_inputs
+from localize.runtime import ops
 
-__all__ = ["Layout", "StagePlan", "stage_plan", "reads_model_inputs"]
+__all__ = ["Layout", "StageProgram", "split_step"]
 
 
 @dataclass(frozen=True)
@@ -84,66 +88,90 @@ class Layout:
 
 
 @dataclass
-class StagePlan:
-    """Per stage, the program nodes it evaluates (in program order) and the values it sends on."""
+class StageProgram:
+    """One stage's slice of the step: ``program(state, *inputs, target)`` on stage 0,
+    ``program(state)`` on the others (they receive); it returns the block's loss value."""
 
-    compute: list[list[fx.Node]]  # compute[s]: nodes stage s evaluates, its block call among them
-    sends: list[list[fx.Node]]  # sends[s]: values stage s hands to stage s + 1 (K - 1 entries)
-    placeholders: list[fx.Node]  # the model inputs, in placeholder order
-    reads_inputs: list[bool]  # stage s's loss reads the model inputs (LossContext.inputs)
-
-    @property
-    def stages(self) -> int:
-        return len(self.compute)
+    stage: int
+    program: fx.GraphModule
+    receives: list[str]  # names of the values it receives (target first), in message order
+    sends: list[str]  # names of the values it sends on (target first)
 
     def __str__(self) -> str:
-        lines = []
-        for s, nodes in enumerate(self.compute):
-            lines.append(f"stage {s}: {', '.join(n.name for n in nodes)}")
-            if s < len(self.sends):
-                lines.append(f"  {s} -> {s + 1}: {', '.join(['target'] + [n.name for n in self.sends[s]])}")
-        return "\n".join(lines)
+        recv = f"  <- {', '.join(self.receives)}\n" if self.receives else ""
+        send = f"\n  -> {', '.join(self.sends)}" if self.sends else ""
+        return f"stage {self.stage}:\n{recv}" + self.program.code.strip() + send
 
 
-def stage_plan(lm) -> StagePlan:
-    """Assign every program node of ``lm`` (a :class:`~localize.runtime.model.LocalModel`) to a stage."""
-    nodes = [n for n in lm.program.graph.nodes if n.op != "output"]
+def split_step(lm, replicas: int = 1) -> list[StageProgram]:
+    """Split the step graph of ``lm`` (a :class:`~localize.runtime.model.LocalModel`) per stage."""
+    step = lm.step_program
     stages = len(lm.blocks)
+    nodes = [n for n in step.graph.nodes if n.op != "output"]
+    state, *inputs, target = [n for n in nodes if n.op == "placeholder"]
     owner: dict[fx.Node, int] = {}
     for node in nodes:
+        block = node.meta.get("localize", {}).get("block")
         if node.op == "placeholder":
             owner[node] = 0
-        elif node.op == "call_module":
-            owner[node] = lmeta(node)["block"]
-        elif _is_block_getitem(node):
-            owner[node] = owner[node.args[0]]
+        elif node.op == "call_function" and node.target is operator.getitem and node.args[0].op == "call_module":
+            owner[node] = owner[node.args[0]]  # only the needed parts of a block's outputs travel
+        elif block is not None and node.op in ("call_module", "get_attr") or node.target in _BLOCK_OPS:
+            owner[node] = block
         else:
-            owner[node] = max((owner[a] for a in node.all_input_nodes), default=0)
-    placeholders = [n for n in nodes if n.op == "placeholder"]
-    reads_inputs = [reads_model_inputs(b.aux) for b in lm.blocks]
+            owner[node] = max((owner[a] for a in node.all_input_nodes if a is not state), default=0)
+    for s, b in enumerate(lm.blocks):
+        if b.index != s or not any(n.op == "call_module" and owner[n] == s for n in nodes):
+            raise ConfigError(f"stage {s} has no block {s} call in the step; this LocalModel cannot be pipelined")
     last_reader = {n: max((owner[u] for u in n.users if u.op != "output"), default=owner[n]) for n in nodes}
-    for s, reads in enumerate(reads_inputs):
-        if reads:
-            for p in placeholders:
-                last_reader[p] = max(last_reader[p], s)
-    compute = [[n for n in nodes if owner[n] == s] for s in range(stages)]
-    sends = [[n for n in nodes if owner[n] <= s < last_reader[n]] for s in range(stages - 1)]
-    for s, block in enumerate(lm.blocks):
-        if not any(n.op == "call_module" for n in compute[s]):
-            raise ConfigError(
-                f"stage {s} has no block call in the program; this LocalModel cannot be pipelined"
-            )
-        if block.index != s:
-            raise ConfigError(
-                f"block {block.index} is listed at position {s}; blocks must be numbered in order"
-            )
-    return StagePlan(compute, sends, placeholders, reads_inputs)
+    last_reader[target] = stages - 1  # every stage's loss reads it
+    crossing = [[n for n in nodes if n is not state and owner[n] <= s < last_reader[n]] for s in range(stages - 1)]
+    for values in crossing:  # the target first: the receiver counts samples by it
+        values.sort(key=lambda n: n is not target)
+    return [_stage_program(step, nodes, owner, crossing, s, stages, replicas) for s in range(stages)]
 
 
-def _is_block_getitem(node: fx.Node) -> bool:
-    return (
-        node.op == "call_function"
-        and node.target is operator.getitem
-        and isinstance(node.args[0], fx.Node)
-        and node.args[0].op == "call_module"
-    )
+_BLOCK_OPS = {ops.local_loss, ops.head_loss, ops.backward, ops.check_loss, ops.optimizer_step, ops.after_update}
+
+
+def _stage_program(step, nodes, owner, crossing, s: int, stages: int, replicas: int) -> StageProgram:
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    root = {}
+    state = nodes[0]
+    env[state] = graph.placeholder("state")
+    receives = crossing[s - 1] if s > 0 else []
+    if s == 0:
+        for n in nodes[1:]:
+            if n.op == "placeholder":
+                env[n] = graph.placeholder(n.name, type_expr=n.type)
+    else:
+        got = graph.call_function(dist_ops.recv, (env[state],))
+        for i, n in enumerate(receives):
+            env[n] = graph.create_node("call_function", operator.getitem, (got, i), name=n.name)
+    sends = crossing[s] if s < stages - 1 else []
+    sent = not sends
+    value = None
+    for n in nodes:
+        if n.op == "placeholder" or owner[n] != s:
+            continue
+        action = n.meta.get("localize", {}).get("action") or ""
+        if not sent and action.endswith((":L", ":U")):
+            graph.call_function(dist_ops.send, (env[state], [env[v] for v in sends]))
+            sent = True
+        if n.op == "call_module" and replicas > 1 and n.target.startswith("block_"):
+            graph.call_function(dist_ops.broadcast_buffers, (env[state], s))
+        if n.op in ("call_module", "get_attr"):
+            root[n.target] = getattr(step, n.target)
+        env[n] = graph.node_copy(n, env.__getitem__)
+        if n.target is ops.backward and replicas > 1:
+            env[n] = graph.create_node(
+                "call_function", dist_ops.all_reduce_gradients, (env[state], s, env[n]), name=f"reduced_{s}"
+            )
+        if n.op == "call_function" and n.target in _BLOCK_OPS:
+            value = env[n]
+    if not sent:
+        graph.call_function(dist_ops.send, (env[state], [env[v] for v in sends]))
+    graph.output(value)
+    graph.lint()
+    return StageProgram(s, fx.GraphModule(root, graph, class_name=f"Stage{s}"), [n.name for n in receives], [n.name for n in sends])
