@@ -289,7 +289,7 @@ def test_featrecon_reconstructs_the_detached_block_input(name):
     assert len(seen) == 3
     assert torch.equal(seen[0], x)  # the first block's input is the model input
     for i in (1, 2):
-        previous = run.outputs[i - 1][lm._primary_slot[i - 1]]
+        previous = run.outputs[i - 1][lm._loss_slots[i - 1]]
         assert not seen[i].requires_grad and seen[i].grad_fn is None
         torch.testing.assert_close(seen[i], previous)
         assert lm.blocks[i].aux.target_name == lm.blocks[i - 1].plan.primary
