@@ -9,7 +9,7 @@ weights is not timed. Each stage is the median of ``--repeat`` fresh transforms:
   annotate_tensors, ..., insert_aux_heads);
 * ``codegen: fx code``: regenerating the Python code of the program and every block
   (``GraphModule.recompile()``, what ``lm.program.code`` / ``block.module.code`` show);
-* ``codegen: classes``: ``localize.codegen.modules.generate``, every block and aux head written as a
+* ``codegen: classes``: ``localize.codegen.blocks.generate``, every block and aux head written as a
   standalone class (what the CLI's artifacts are made of).
 
 Stages are timed with the CPU clock of the process (``time.process_time``) by default: with one
@@ -62,7 +62,7 @@ MODELS = {"resnet50": resnet50, "gpt2": gpt2}
 
 def _codegen_classes():
     try:
-        from localize.codegen.modules import generate
+        from localize.codegen.blocks import generate
     except ImportError:  # pragma: no cover - older checkouts without localize.codegen.modules
         return None
     return generate

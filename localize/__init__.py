@@ -3,14 +3,34 @@
 ``localize.transform(model, blocks=K, example_inputs=(x,))`` traces the model, cuts it into K
 gradient-isolated blocks at legal, balanced cut points, generates an auxiliary head per block and
 returns a :class:`LocalModel` whose ``train_step`` trains every block with its own local loss.
+
+The public names load on first use, so importing a light part of the package (``localize.kernels``,
+the runtime ops a generated ``program.py`` calls) does not load the compiler.
 """
 
-from localize.compiler.tracer import Traced, trace
-from localize.compiler.transform import transform
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from localize.errors import LocalizeError
-from localize.runtime.checkpoint import Checkpoint, load
-from localize.runtime.model import Block, LocalModel
 from localize.version import __version__
+
+if TYPE_CHECKING:
+    from localize.compiler.tracer import Traced, trace
+    from localize.compiler.transform import transform
+    from localize.runtime.checkpoint import Checkpoint, load
+    from localize.runtime.model import Block, LocalModel
+
+_LAZY = {
+    "Block": "localize.runtime.model",
+    "Checkpoint": "localize.runtime.checkpoint",
+    "LocalModel": "localize.runtime.model",
+    "Traced": "localize.compiler.tracer",
+    "load": "localize.runtime.checkpoint",
+    "trace": "localize.compiler.tracer",
+    "transform": "localize.compiler.transform",
+}
 
 __all__ = [
     "Block",
@@ -23,3 +43,15 @@ __all__ = [
     "transform",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # once: later lookups are plain attribute reads
+        return value
+    raise AttributeError(f"module 'localize' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

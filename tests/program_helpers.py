@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from localize.codegen.modules import generate
+from localize.codegen.blocks import generate
 from localize.codegen.program import OptimizerSpec, program_source, program_weights
 
 

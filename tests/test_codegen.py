@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import localize
+import localize.codegen.blocks
 import localize.codegen.modules
 from localize.cli.main import main
 from localize.codegen.artifacts import block_inputs
@@ -177,13 +178,13 @@ def test_block_files_rebuild_blocks_and_heads_of_a_resnet(tmp_path: Path):
     model = ResNet2d(in_channels=3, num_classes=5, widths=(8, 16), blocks_per_stage=(1, 1))
     example = (torch.randn(2, 3, 16, 16),)
     lm = localize.transform(model, blocks=4, example_inputs=example)
-    gen = localize.codegen.modules.generate(lm)
+    gen = localize.codegen.blocks.generate(lm)
     weights = gen.weights(lm)
     args = block_inputs(lm, lm.plan.traced.bind(example, {}))
     lm.eval()
     for block in lm.blocks:
         path = tmp_path / f"block_{block.index}.py"
-        path.write_text(localize.codegen.modules.block_source(lm, block.index, gen))
+        path.write_text(localize.codegen.blocks.block_source(lm, block.index, gen))
         module = _import_file(path)
         rebuilt = getattr(module, f"Block{block.index}")()
         load_tensors(rebuilt, weights["blocks"][block.index])
@@ -207,7 +208,7 @@ def test_readable_head_names_layers_after_their_type():
         example_inputs=(torch.randn(2, 3, 16, 16),),
     )
     head = lm.blocks[0].aux
-    gm = localize.codegen.modules.readable_head(head)
+    gm = localize.codegen.blocks.readable_head(head)
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     assert placeholders == ["feature"]
     names = [n.target for n in gm.graph.nodes if n.op == "call_module"]
@@ -248,7 +249,7 @@ def test_codegen_doctests():
     import localize.codegen.restore
 
     for module in (
-        localize.codegen.modules,
+        localize.codegen.blocks,
         localize.codegen.program,
         localize.codegen.restore,
         localize.cli.train,

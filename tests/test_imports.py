@@ -12,6 +12,8 @@ A circle is reported with every module on it.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import networkx as nx
@@ -109,3 +111,24 @@ def test_kernels_import_nothing_of_localize_but_errors():
             continue
         for dep in graph.successors(module):
             assert dep.startswith("localize.kernels") or dep in ("localize", "localize.errors"), (module, dep)
+
+
+def _loaded_after(statement: str) -> set[str]:
+    code = f"import sys; {statement}; print(' '.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    return set(out.stdout.split())
+
+
+def test_kernels_and_the_program_runtime_load_no_compiler():
+    """program.py's imports (the runtime ops, optimizers, data order, model-file loader) and
+    localize.kernels load neither the compiler, nor the passes, nor networkx."""
+    heavy = {"localize.compiler.transform", "localize.compiler.tracer", "localize.passes", "networkx"}
+    kernels = _loaded_after("import localize.kernels")
+    assert not heavy & kernels and {m for m in kernels if m.startswith("localize")} <= (
+        {"localize", "localize.errors", "localize.version"} | {m for m in kernels if m.startswith("localize.kernels")}
+    )
+    program = _loaded_after(
+        "import localize.runtime.ops, localize.runtime.optim, localize.data, localize.codegen.restore, "
+        "localize.compiler.model_file"
+    )
+    assert not heavy & program, sorted(heavy & program)

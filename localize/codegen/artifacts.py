@@ -20,16 +20,11 @@ from __future__ import annotations
 import contextlib
 import glob
 import importlib.util
-import io
 import json
-import logging
-import math
 import os
 import platform
 import shutil
 import tempfile
-import time
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -38,12 +33,13 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch import nn
 
 import localize
-from localize.codegen.modules import CodegenError, block_source, generate
+from localize.codegen.blocks import block_source, generate
+from localize.codegen.graph import write_graph
+from localize.codegen.modules import CodegenError
+from localize.codegen.onnx import ONNX_TOLERANCE, OnnxResult, export_onnx
 from localize.codegen.program import OptimizerSpec, program_source, program_weights
-from localize.compiler.tracer import lmeta
 from localize.errors import ConfigError, VerificationError
 from localize.passes.annotate_tensors import value_info
 from localize.runtime.model import LocalModel
@@ -64,7 +60,6 @@ __all__ = [
 
 SCHEMA_PATH = Path(__file__).with_name("plan.schema.json")
 PLAN_FORMAT = "localize.plan/1"
-ONNX_TOLERANCE = 1e-4  # max |onnxruntime - torch| accepted for a block's outputs
 
 
 # ------------------------------------------------------------------------------------- atomic output
@@ -310,205 +305,29 @@ def _check_program(out: Path, lm: LocalModel, inputs: dict[int, tuple]) -> float
 
 # ------------------------------------------------------------------------------------- graph picture
 
-_PALETTE = ["#cfe2ff", "#d1e7dd", "#fff3cd", "#f8d7da", "#e2d9f3", "#d2f4ea", "#ffe5d0", "#e9ecef"]
 
 
-def write_graph(lm: LocalModel, out: Path) -> str:
-    """``graph.svg`` (Graphviz) or ``graph.dot``: nodes coloured by block, cut edges in red."""
-    import pydot
-
-    gm = lm.plan.gm
-    dot = pydot.Dot("localize", graph_type="digraph", rankdir="TB", fontname="Helvetica", fontsize="10")
-    dot.set_node_defaults(shape="box", style="rounded,filled", fontname="Helvetica", fontsize="9")
-    clusters = {}
-    for bp in lm.plan.blocks:
-        c = bp.cost
-        label = f"block {bp.index}: {_si(c.params)} params, {_si(c.flops)} FLOPs"
-        cluster = pydot.Cluster(
-            f"block{bp.index}",
-            label=_q(label),
-            style="filled",
-            fillcolor=_q(_light(bp.index)),
-            color="#888888",
-        )
-        clusters[bp.index] = cluster
-        dot.add_subgraph(cluster)
-    for node in gm.graph.nodes:
-        if node.op == "get_attr":
-            continue
-        block = lmeta(node).get("block")
-        info = value_info(node)
-        shape = f"\\n{tuple(info.shape)}" if info is not None and info.is_tensor else ""
-        attrs = {"label": _q(f"{node.name}\\n{_op(gm, node)}{shape}")}
-        if node.op in ("placeholder", "output"):
-            attrs.update(shape="ellipse", fillcolor="white")
-            dot.add_node(pydot.Node(_q(node.name), **attrs))
-        else:
-            attrs["fillcolor"] = _q(_PALETTE[block % len(_PALETTE)] if block is not None else "white")
-            clusters.get(block, dot).add_node(pydot.Node(_q(node.name), **attrs))
-    cut_names = {name for bp in lm.plan.blocks for name in bp.cut_inputs}
-    for node in gm.graph.nodes:
-        if node.op == "get_attr":
-            continue
-        for arg in node.all_input_nodes:
-            if arg.op == "get_attr":
-                continue
-            src_block, dst_block = lmeta(arg).get("block"), lmeta(node).get("block")
-            if (
-                arg.name in cut_names
-                and src_block is not None
-                and dst_block is not None
-                and src_block != dst_block
-            ):
-                edge = pydot.Edge(
-                    _q(arg.name),
-                    _q(node.name),
-                    color="red",
-                    penwidth="2",
-                    style="dashed",
-                    label=_q("cut"),
-                    fontcolor="red",
-                )
-            else:
-                edge = pydot.Edge(_q(arg.name), _q(node.name))
-            dot.add_edge(edge)
-    if shutil.which("dot"):
-        try:
-            dot.write_svg(str(out / "graph.svg"))
-            return "graph.svg"
-        except Exception:  # noqa: BLE001 - a broken Graphviz install: fall back to the source
-            pass
-    dot.write_raw(str(out / "graph.dot"))
-    return "graph.dot"
 
 
-def _q(text: str) -> str:
-    return '"' + text.replace('"', '\\"') + '"'
 
 
-def _light(index: int) -> str:
-    return "#f8f9fa" if index % 2 == 0 else "#f1f3f5"
 
 
-def _op(gm: fx.GraphModule, node: fx.Node) -> str:
-    if node.op == "call_module":
-        return type(gm.get_submodule(node.target)).__name__
-    if node.op == "call_method":
-        return f".{node.target}()"
-    if node.op == "call_function":
-        return getattr(node.target, "__name__", str(node.target))
-    return node.op
 
 
-def _si(n: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return f"{n:g}"
 
 
 # ------------------------------------------------------------------------------------- ONNX
 
 
-@dataclass
-class OnnxResult:
-    """How a block's ONNX export went: ``ok``, ``mismatch`` (beyond tolerance), ``failed`` or ``skipped``."""
-
-    file: str | None
-    status: str
-    max_abs_diff: float | None
-    error: str | None
-    seconds: float
 
 
-class BlockWithHead(nn.Module):
-    """A block and its aux head as one module: returns the block's outputs, then the head's."""
-
-    def __init__(self, block: nn.Module, head: nn.Module | None, slot: int | None) -> None:
-        super().__init__()
-        self.block, self.head, self.slot = block, head, slot
-
-    def forward(self, *args: Any) -> tuple:
-        outs = tuple(self.block(*args))
-        if self.head is None:
-            return outs
-        return (*outs, self.head(outs[self.slot]))
 
 
-def export_onnx(lm: LocalModel, index: int, args: tuple, path: Path) -> OnnxResult:
-    """Export block ``index`` with its head (eval mode, dynamic batch where possible) and check it."""
-    start = time.perf_counter()
-    try:
-        import onnx
-        import onnxruntime
-    except ImportError as e:
-        return OnnxResult(
-            None, "skipped", None, f"{e.name} is not installed: pip install 'localize-learning[export]'", 0.0
-        )
-    block = lm.blocks[index]
-    slot = block.plan.outputs.index(block.plan.primary) if block.aux is not None else None
-    wrapper = BlockWithHead(block.module, block.aux, slot)
-    was_training = lm.training
-    lm.eval()
-    wrapper.eval()
-    try:
-        with torch.no_grad():  # sizes (SymInt outputs of exported graphs) come back as 0-d tensors
-            want = [o if isinstance(o, torch.Tensor) else torch.tensor(o) for o in wrapper(*args)]
-        dynamic = tuple({0: torch.export.Dim.AUTO} if _batched(a) else None for a in args)
-        with _quiet():
-            # forward(*args): one dynamic_shapes entry, for `args`
-            program = torch.onnx.export(wrapper, args, dynamo=True, verbose=False, dynamic_shapes=(dynamic,))
-            program.save(str(path))
-        model = onnx.load(str(path))
-        onnx.checker.check_model(model, full_check=True)
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        names = [i.name for i in session.get_inputs()]
-        if len(names) != len(tensors):
-            raise ValueError(f"the ONNX graph takes {len(names)} inputs, the block {len(tensors)} tensors")
-        got = session.run(None, {n: t.detach().cpu().numpy() for n, t in zip(names, tensors)})
-        if len(got) != len(want):
-            raise ValueError(f"the ONNX graph returns {len(got)} outputs, the block {len(want)}")
-        diff = 0.0
-        for g, w in zip(got, want):
-            if tuple(g.shape) != tuple(w.shape):
-                raise ValueError(f"output shape {tuple(g.shape)} differs from torch's {tuple(w.shape)}")
-            if w.numel():
-                diff = max(diff, float((torch.from_numpy(g).double() - w.double()).abs().max()))
-    except Exception as e:  # noqa: BLE001 - a block that does not export is reported, not fatal
-        with contextlib.suppress(OSError):
-            path.unlink()
-        message = " ".join(str(e).split())[:300]
-        return OnnxResult(None, "failed", None, f"{type(e).__name__}: {message}", time.perf_counter() - start)
-    finally:
-        lm.train(was_training)
-    status = "ok" if diff <= ONNX_TOLERANCE and math.isfinite(diff) else "mismatch"
-    error = None if status == "ok" else f"max |onnxruntime - torch| = {diff:.3g} > {ONNX_TOLERANCE:g}"
-    return OnnxResult(path.name, status, diff, error, time.perf_counter() - start)
 
 
-def _batched(a: Any) -> bool:
-    return isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] > 1
 
 
-@contextmanager
-def _quiet() -> Iterator[None]:
-    """The exporter logs and warns at length (e.g. about torchvision); keep the CLI's output clean."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "onnxscript")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with (
-            warnings.catch_warnings(),
-            contextlib.redirect_stdout(io.StringIO()),
-            contextlib.redirect_stderr(io.StringIO()),
-        ):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
 
 
 # ------------------------------------------------------------------------------------- plan.json

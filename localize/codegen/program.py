@@ -30,16 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from localize.codegen.modules import (
-    _IDENT,
-    CodegenError,
-    Generated,
-    _attr,
-    _header_imports,
-    _imports_for,
-    generate,
-    named_tensors,
-)
+from localize.codegen.blocks import Generated, _header_imports, generate
+from localize.codegen.modules import _IDENT, CodegenError, _attr, _imports_for, named_tensors
 from localize.runtime.model import LocalModel
 from localize.version import __version__
 

@@ -39,7 +39,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from localize.compiler.transform import transform
 from localize.errors import ConfigError
 
 __all__ = ["ModelFile", "load_model_file", "localize_file", "split_spec"]
@@ -241,6 +240,8 @@ def localize_file(
 
     Returns (LocalModel, example inputs); the same seed gives the same model on every rank.
     """
+    from localize.compiler.transform import transform  # here: loading a model file needs no compiler
+
     torch.manual_seed(seed)
     model = mf.build_model()
     example = mf.example_inputs()

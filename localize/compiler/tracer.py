@@ -14,78 +14,23 @@ way the result is normalised to one form:
 from __future__ import annotations
 
 import inspect
-import os
-import traceback
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils import _pytree as pytree
 
+from localize.compiler.trace_errors import _both_failed, _first_line, _user_line
+from localize.compiler.trace_export import _trace_export
+from localize.compiler.traced import Traced, lmeta
 from localize.errors import ConfigError, TraceError
 
 __all__ = ["ModeDependentError", "Traced", "trace", "lmeta"]
 
-_TORCH_DIR = os.path.dirname(torch.__file__)
-_LOCALIZE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-def lmeta(node: fx.Node) -> dict[str, Any]:
-    """The ``node.meta["localize"]`` dict where every pass keeps its facts about a node."""
-    return node.meta.setdefault("localize", {})
 
 
-@dataclass
-class Traced:
-    """A captured model: a flat GraphModule plus what is needed to call it like the model."""
-
-    gm: fx.GraphModule
-    method: str  # "fx" or "export"
-    input_names: list[str]  # forward parameters that are graph placeholders, in placeholder order
-    constants: dict[str, Any]  # forward parameters bound to a fixed value while tracing
-    out_spec: pytree.TreeSpec  # structure of the model's output; leaves are the output node's args
-    signature: inspect.Signature
-    notes: list[str] = field(default_factory=list)
-    fixed_batch: dict[str, int] = field(default_factory=dict)  # inputs whose batch dim export fixed
-
-    def bind(self, args: tuple, kwargs: dict) -> list[Any]:
-        """Map a call ``model(*args, **kwargs)`` onto the graph's placeholders."""
-        try:
-            bound = self.signature.bind(*args, **kwargs)
-        except TypeError as e:
-            raise ConfigError(
-                f"inputs do not match forward{self.signature}: {e}; pass them as the model expects"
-            ) from None
-        values = []
-        for name in self.input_names:
-            if name not in bound.arguments:
-                default = self.signature.parameters[name].default
-                if default is inspect.Parameter.empty:
-                    raise ConfigError(f"missing input {name!r}: forward{self.signature} needs it")
-                values.append(default)
-            else:
-                values.append(bound.arguments[name])
-            fixed = self.fixed_batch.get(name)
-            value = values[-1]
-            if fixed is not None and isinstance(value, torch.Tensor) and value.dim() and value.shape[0] != fixed:
-                raise ConfigError(
-                    f"input {name!r} has batch size {value.shape[0]}, but the exported graph has its batch size "
-                    f"fixed at {fixed}: the model's code turns a size into a Python number (e.g. int(x.shape[0]) "
-                    f"or a shape-dependent branch). Train with batch size {fixed}, or keep sizes symbolic "
-                    f"(x.shape[0] without int(), reshape(-1, ...))"
-                )
-        for name in bound.arguments:
-            if name not in self.input_names and name not in self.constants:
-                raise ConfigError(
-                    f"input {name!r} was not given when the model was traced, so the graph has no slot "
-                    f"for it; pass it in example_inputs/example_kwargs to transform()"
-                )
-        return values
-
-    def unflatten(self, leaves: list[Any]) -> Any:
-        return pytree.tree_unflatten(list(leaves), self.out_spec)
 
 
 def trace(
@@ -419,152 +364,18 @@ def _flatten_output(gm: fx.GraphModule) -> pytree.TreeSpec:
 # torch.export
 
 
-def _trace_export(model, sig, example_inputs, example_kwargs, fx_error) -> Traced:
-    kwargs = dict(example_kwargs)
-    notes = [f"torch.fx could not capture the model ({_first_line(fx_error)}); used torch.export"]
-    if "use_cache" in sig.parameters and "use_cache" not in kwargs:
-        # Hugging Face caches are not pytree-registered outputs; local training never wants them.
-        kwargs["use_cache"] = False
-    args = tuple(example_inputs)
-    # a dynamic batch dimension, so the traced batch size does not fix the training one
-    bound_all = sig.bind_partial(*args, **kwargs).arguments
-    dynamic = {
-        name: pytree.tree_map(
-            lambda v: {0: torch.export.Dim.AUTO} if isinstance(v, torch.Tensor) and v.dim() > 0 else None, value
-        )
-        for name, value in bound_all.items()
-    }
-    was_training = model.training
-    model.eval()  # dropout/batch-norm become mode-switchable ops in a later pass
-    try:
-        ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
-    finally:
-        model.train(was_training)
-    gm = ep.module()
-    in_spec, out_spec = gm._in_spec, gm._out_spec
-    gm.graph.set_codegen(fx.graph.CodeGen())
-
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    arg_nodes, kwarg_nodes = pytree.tree_unflatten(placeholders, in_spec)
-    bound = sig.bind_partial(*args, **kwargs).arguments
-    names = list(bound)
-    per_name: dict[str, Any] = dict(zip(names, arg_nodes))
-    per_name.update(kwarg_nodes)
-
-    for node in list(gm.graph.nodes):
-        if node.op == "call_module" and node.target == "_guards_fn":
-            gm.graph.erase_node(node)
-    if hasattr(gm, "_guards_fn"):
-        delattr(gm, "_guards_fn")
-
-    input_names, constants, fixed_batch = [], {}, {}
-    for name, node in per_name.items():
-        value = bound[name]
-        if isinstance(value, torch.Tensor):
-            if not isinstance(node, fx.Node):
-                raise TraceError(f"input {name!r} is nested; pass flat tensors as inputs")
-            node.name = node.target = name
-            input_names.append(name)
-            val = node.meta.get("val")
-            if val is not None and val.dim() and value.dim() and is_concrete_int(val.shape[0]):
-                fixed_batch[name] = int(val.shape[0])
-        else:
-            constants[name] = value
-            for leaf in pytree.tree_leaves(node):
-                if isinstance(leaf, fx.Node):
-                    if leaf.users:
-                        leaf.replace_all_uses_with(value)  # type: ignore[arg-type]
-                    gm.graph.erase_node(leaf)
-    for p in sig.parameters.values():
-        if p.name not in bound and p.default is not inspect.Parameter.empty:
-            constants[p.name] = p.default
-    order = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-    input_names.sort(key=order.index)
-
-    for node in gm.graph.nodes:
-        stack = node.meta.get("nn_module_stack") or {}
-        path = next(reversed(stack.values()))[0] if stack else ""
-        if node.op == "get_attr":
-            path = node.target.rpartition(".")[0]
-        lmeta(node)["module"] = _clean_export_path(path)
-    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-    out.args = (tuple(out.args[0]),)
-    gm.graph.eliminate_dead_code()
-    # a plain GraphModule: the exported module class refuses train()/eval()
-    gm = fx.GraphModule(gm, gm.graph, type(model).__name__)
-    return Traced(gm, "export", input_names, constants, out_spec, sig, notes, fixed_batch)
 
 
-def _clean_export_path(path: str) -> str:
-    # export writes paths like "L['self'].layer1[0]" in some versions and "layer1.0" in others.
-    path = path.replace("L['self'].", "").replace("L['self']", "")
-    out = []
-    i = 0
-    while i < len(path):
-        c = path[i]
-        if c == "[":
-            j = path.index("]", i)
-            out.append("." + path[i + 1 : j].strip("'\""))
-            i = j + 1
-        else:
-            out.append(c)
-            i += 1
-    return "".join(out).lstrip(".")
 
 
 # ---------------------------------------------------------------------------------------------------------
 # error reporting
 
 
-def _first_line(e: BaseException | None) -> str:
-    if e is None:
-        return ""
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
 
 
-def _user_line(e: BaseException | None) -> str:
-    """' at file.py:12: `code`' for the innermost frame that belongs to the user, if any."""
-    if e is None or e.__traceback__ is None:
-        return ""
-    user = None
-    for frame in traceback.extract_tb(e.__traceback__):
-        f = os.path.abspath(frame.filename)
-        if f.startswith(_TORCH_DIR) or f.startswith(_LOCALIZE_DIR) or f.startswith("<"):
-            continue
-        if os.sep + "contextlib.py" in f or f.startswith(os.path.dirname(os.__file__) + os.sep + "importlib"):
-            continue
-        user = frame
-    if user is None:
-        return ""
-    return f" at {user.filename}:{user.lineno}: `{(user.line or '').strip()}`"
 
 
-_DATA_HINT = (
-    "if forward branches on tensor values, rewrite the branch with torch.cond or torch.where, "
-    "or make it depend on shapes/flags only; you can also move the dynamic part outside the model"
-)
-# (words in the tracers' messages, the construct they mean, what to do), first match wins
-_CONSTRUCTS = (
-    (
-        ("numpy", "__array"),
-        "a NumPy call on a tensor",
-        "use the torch function instead (torch.tanh for np.tanh, ...), or do the NumPy part outside the model",
-    ),
-    (("data-dependent", "control flow", "guard"), "data-dependent control flow", _DATA_HINT),
-)
 
 
-def _both_failed(model, fx_error, export_error) -> TraceError:
-    text = f"{_first_line(fx_error)} {_first_line(export_error)}".lower()
-    what, hint = "an unsupported construct", _DATA_HINT
-    for words, construct, todo in _CONSTRUCTS:
-        if any(w in text for w in words):
-            what, hint = construct, todo
-            break
-    return TraceError(
-        f"cannot capture {type(model).__name__}: {what}{_user_line(export_error) or _user_line(fx_error)}. "
-        f"torch.fx said: {_first_line(fx_error)}. torch.export said: {_first_line(export_error)}. "
-        f"What to do: {hint}."
-    )
 

@@ -114,7 +114,11 @@ def split_step(lm, replicas: int = 1) -> list[StageProgram]:
         block = node.meta.get("localize", {}).get("block")
         if node.op == "placeholder":
             owner[node] = 0
-        elif node.op == "call_function" and node.target is operator.getitem and node.args[0].op == "call_module":
+        elif (
+            node.op == "call_function"
+            and node.target is operator.getitem
+            and node.args[0].op == "call_module"
+        ):
             owner[node] = owner[node.args[0]]  # only the needed parts of a block's outputs travel
         elif block is not None and node.op in ("call_module", "get_attr") or node.target in _BLOCK_OPS:
             owner[node] = block
@@ -122,16 +126,27 @@ def split_step(lm, replicas: int = 1) -> list[StageProgram]:
             owner[node] = max((owner[a] for a in node.all_input_nodes if a is not state), default=0)
     for s, b in enumerate(lm.blocks):
         if b.index != s or not any(n.op == "call_module" and owner[n] == s for n in nodes):
-            raise ConfigError(f"stage {s} has no block {s} call in the step; this LocalModel cannot be pipelined")
+            raise ConfigError(
+                f"stage {s} has no block {s} call in the step; this LocalModel cannot be pipelined"
+            )
     last_reader = {n: max((owner[u] for u in n.users if u.op != "output"), default=owner[n]) for n in nodes}
     last_reader[target] = stages - 1  # every stage's loss reads it
-    crossing = [[n for n in nodes if n is not state and owner[n] <= s < last_reader[n]] for s in range(stages - 1)]
+    crossing = [
+        [n for n in nodes if n is not state and owner[n] <= s < last_reader[n]] for s in range(stages - 1)
+    ]
     for values in crossing:  # the target first: the receiver counts samples by it
         values.sort(key=lambda n: n is not target)
     return [_stage_program(step, nodes, owner, crossing, s, stages, replicas) for s in range(stages)]
 
 
-_BLOCK_OPS = {ops.local_loss, ops.head_loss, ops.backward, ops.check_loss, ops.optimizer_step, ops.after_update}
+_BLOCK_OPS = {
+    ops.local_loss,
+    ops.head_loss,
+    ops.backward,
+    ops.check_loss,
+    ops.optimizer_step,
+    ops.after_update,
+}
 
 
 def _stage_program(step, nodes, owner, crossing, s: int, stages: int, replicas: int) -> StageProgram:
@@ -174,4 +189,9 @@ def _stage_program(step, nodes, owner, crossing, s: int, stages: int, replicas: 
         graph.call_function(dist_ops.send, (env[state], [env[v] for v in sends]))
     graph.output(value)
     graph.lint()
-    return StageProgram(s, fx.GraphModule(root, graph, class_name=f"Stage{s}"), [n.name for n in receives], [n.name for n in sends])
+    return StageProgram(
+        s,
+        fx.GraphModule(root, graph, class_name=f"Stage{s}"),
+        [n.name for n in receives],
+        [n.name for n in sends],
+    )
