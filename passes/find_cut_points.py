@@ -36,7 +36,8 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from localize.compiler.tracer import _clean_export_path, lmeta
+from localize.compiler.trace_export import _clean_export_path
+from localize.compiler.traced import lmeta
 from localize.passes.annotate_tensors import value_info
 from localize.passes.cost import params_of
 

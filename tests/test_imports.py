@@ -12,6 +12,7 @@ A circle is reported with every module on it.
 from __future__ import annotations
 
 import ast
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -132,3 +133,15 @@ def test_kernels_and_the_program_runtime_load_no_compiler():
         "localize.compiler.model_file"
     )
     assert not heavy & program, sorted(heavy & program)
+
+
+def test_every_module_imports():
+    """Each module loads on its own: a name moved between modules cannot hide behind a lazy import."""
+    names = [n for n in import_graph() if not n.endswith("__main__")]
+    failed = []
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001 - collect them all
+            failed.append(f"{name}: {type(e).__name__}: {e}")
+    assert not failed, "\n".join(failed)

@@ -14,7 +14,7 @@ from localize.compiler.trace_errors import _first_line
 from localize.compiler.traced import Traced, lmeta
 from localize.errors import TraceError
 
-__all__ = ["_trace_export"]
+__all__ = ["_clean_export_path", "_trace_export"]
 
 
 def _trace_export(model, sig, example_inputs, example_kwargs, fx_error) -> Traced:
