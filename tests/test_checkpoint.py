@@ -137,3 +137,47 @@ def test_failure_while_serialising_leaves_the_previous_checkpoint_intact(tmp_pat
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
     assert localize.load(path).data == {"batch": 1}
+
+
+class _Payload:
+    """A pickle whose loading would run a command: what a crafted checkpoint looks like."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": 2, "model": {}, "payload": _Payload(str(marker))}, evil)
+    lm = localize.transform(
+        torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)),
+        blocks=2,
+        example_inputs=(torch.randn(3, 4),),
+    )
+    with pytest.raises(CheckpointError, match=r"holds more than tensors and plain data \(it would call .*system\)"):
+        localize.load(evil, into=lm)
+    assert not marker.exists()
+
+
+def test_checkpoints_hold_plain_data_and_restore_every_rng(tmp_path):
+    import random
+
+    import numpy as np
+
+    lm = localize.transform(
+        torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)),
+        blocks=2,
+        example_inputs=(torch.randn(3, 4),),
+    )
+    lm.train_step(torch.randn(3, 4), torch.tensor([0, 1, 0]))
+    path = tmp_path / "ckpt.pt"
+    lm.save(path)
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) == []
+    want = (torch.rand(2), random.random(), np.random.rand())
+    localize.load(path, into=lm)
+    got = (torch.rand(2), random.random(), np.random.rand())
+    assert torch.equal(got[0], want[0]) and got[1:] == want[1:]

@@ -212,8 +212,8 @@ def block_source(lm: LocalModel, index: int, gen: Generated | None = None) -> st
         f"Cost: {bp.cost.params:,} parameters, {bp.cost.flops:,} FLOPs, {bp.cost.activation_bytes:,} activation bytes.\n"
         + (f"Aux head ({lm.plan.aux!r}) reads {bp.primary}.\n" if block.aux is not None else "")
         + head_note
-        + f"\nWeights: ``torch.load('weights.pt')['blocks'][{index}]`` (and ``['heads'][{index}]``), loaded with\n"
-        f"``load_state_dict(..., assign=True)``.\n"
+        + f"\nWeights: ``torch.load('weights.pt', weights_only=True)['blocks'][{index}]`` (and ``['heads'][{index}]``),\n"
+        f"loaded with ``localize.codegen.restore.load_tensors(module, tensors)``.\n"
         '"""'
     )
     body = "\n\n".join(c.source for c in codes)

@@ -4,7 +4,9 @@ A checkpoint holds the model's and the aux heads' state (EMA copies included: th
 of their heads), every block's optimizer state, the RNG states (torch CPU and CUDA, Python,
 NumPy), the step count, the caller's data position and a *fingerprint* of the plan. It is written
 atomically: a temporary file in the same folder, flushed and fsync'ed, then renamed over the
-target, so an interrupted write leaves the previous checkpoint intact.
+target, so an interrupted write leaves the previous checkpoint intact. It holds tensors and plain
+data only and is read with ``torch.load(weights_only=True)``: a file that holds anything else (a
+pickled object whose loading would run code) is refused with a :class:`CheckpointError`.
 
 Example:
     >>> import torch, tempfile, os, localize
@@ -21,7 +23,9 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 import random
+import re
 import tempfile
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -36,7 +40,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Checkpoint", "CheckpointError", "save", "load", "fingerprint", "atomic_write_bytes"]
 
-FORMAT = 1
+FORMAT = 2  # 2: plain data only (1 held NumPy arrays and torch's version object)
+_READABLE = (1, 2)
 
 
 class CheckpointError(LocalizeError):
@@ -80,7 +85,8 @@ def _rng_state() -> dict[str, Any]:
     try:
         import numpy as np
 
-        state["numpy"] = np.random.get_state()
+        name, key, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = (name, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(cached))
     except ImportError:  # pragma: no cover - numpy is a dependency
         pass
     return state
@@ -94,7 +100,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     if "numpy" in state:
         import numpy as np
 
-        np.random.set_state(state["numpy"])
+        name, key, *rest = state["numpy"]
+        key = key.numpy() if isinstance(key, torch.Tensor) else np.asarray(key)
+        np.random.set_state((name, key.astype(np.uint32), *rest))
 
 
 def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
@@ -129,7 +137,7 @@ def save(lm: LocalModel, path: str | os.PathLike, *, data: dict[str, Any] | None
         raise CheckpointError(f"cannot write a checkpoint to {os.fspath(path)!r}: it is a folder; pass a file path")
     state = {
         "format": FORMAT,
-        "versions": {"localize": __version__, "torch": torch.__version__},
+        "versions": {"localize": __version__, "torch": str(torch.__version__)},
         "fingerprint": fingerprint(lm),
         "model": lm.model.state_dict(),
         "aux": lm.aux.state_dict(),
@@ -156,13 +164,8 @@ def load(path: str | os.PathLike, into: LocalModel | None = None) -> Checkpoint:
             f"into= must be a LocalModel, got {type(into).__name__}; for a plain model use "
             f"model.load_state_dict(localize.load(path).model)"
         )
-    try:
-        raw = torch.load(os.fspath(path), map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise CheckpointError(f"no checkpoint at {os.fspath(path)!r}; pass the path lm.save() wrote") from None
-    except Exception as e:  # noqa: BLE001 - any unreadable file
-        raise CheckpointError(f"{os.fspath(path)!r} is not a readable localize checkpoint ({e})") from None
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+    raw = _read(os.fspath(path))
+    if not isinstance(raw, dict) or raw.get("format") not in _READABLE:
         raise CheckpointError(f"{os.fspath(path)!r} is not a localize checkpoint (format {FORMAT})")
     ckpt = Checkpoint(
         fingerprint=raw["fingerprint"],
@@ -177,6 +180,35 @@ def load(path: str | os.PathLike, into: LocalModel | None = None) -> Checkpoint:
     if into is not None:
         restore(into, ckpt)
     return ckpt
+
+
+def _read(path: str) -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain data, never code. Format-1 files also
+    hold NumPy's RNG state and torch's version string, allowed by name and nothing else."""
+    try:
+        with torch.serialization.safe_globals(_format1_types()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"no checkpoint at {path!r}; pass the path lm.save() wrote") from None
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))  # torch names the callable it refused
+        if found is None:
+            raise CheckpointError(f"{path!r} is not a readable localize checkpoint ({type(e).__name__})") from None
+        raise CheckpointError(
+            f"{path!r} holds more than tensors and plain data (it would call {found.group(1)}); localize reads "
+            f"checkpoints with weights_only=True and never runs code from a file: load only checkpoints "
+            f"lm.save() wrote"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - any unreadable file
+        raise CheckpointError(f"{path!r} is not a readable localize checkpoint ({e})") from None
+
+
+def _format1_types() -> list[Any]:
+    import numpy as np
+    from torch.torch_version import TorchVersion
+
+    multiarray = getattr(np, "_core", None) or np.core  # numpy 2 / 1
+    return [multiarray.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32)), TorchVersion]
 
 
 def _differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
