@@ -346,3 +346,25 @@ def test_ctrl_c_leaves_no_output_and_exits_130(tiny: Path, tmp_path: Path, capsy
     code, _, err = run_cli([tiny, "--blocks", "2", "--out", tmp_path / "o", "--no-onnx"], capsys)
     assert code == 130 and "interrupted" in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.py"]
+
+
+def test_base_install_without_extras_writes_what_it_can_and_names_the_extra(tmp_path, capsys, monkeypatch):
+    """No pydot, matplotlib or onnx: compile and train still work; each skipped output is one line
+    that names the extra which adds it (never a traceback), and plan.json says what was skipped."""
+    for module in ("pydot", "matplotlib", "matplotlib.pyplot", "onnx", "onnxruntime"):
+        monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+    out = tmp_path / "out"
+    code = main([str(ROOT / "examples" / "digits_cnn.py"), "--blocks", "2", "--out", str(out), "--train", "--epochs", "1"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert "Traceback" not in printed.out + printed.err
+    lines = [line for line in printed.out.splitlines() if line.startswith("skipped: ")]
+    assert lines == [
+        "skipped: graph.svg needs pydot, which is not installed: pip install 'localize-learning[plot]'",
+        "skipped: block_<i>.onnx needs onnx, which is not installed: pip install 'localize-learning[export]'",
+        "skipped: curves.png needs matplotlib, which is not installed: pip install 'localize-learning[plot]'",
+    ]
+    doc = json.loads((out / "plan.json").read_text())
+    assert "graph" not in doc and len(doc["skipped"]) == 2
+    written = {p.name for p in out.iterdir()}
+    assert {"program.py", "metrics.json", "block_0.py"} <= written and not written & {"graph.svg", "graph.dot", "curves.png"}

@@ -26,6 +26,7 @@ import localize
 from localize.compiler.model_file import ModelFile, load_model_file, localize_file, split_spec
 from localize.data import random_dataset
 from localize.errors import ConfigError, LocalizeError
+from localize.extras import MissingExtra
 from localize.runtime.model import LocalModel
 
 __all__ = ["main", "build_parser"]
@@ -186,6 +187,8 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         console.print(summary_table(doc))
         for line in problems(doc):
             console.print(f"[yellow]warning:[/yellow] {line}")
+        for line in doc["skipped"]:
+            console.print(f"skipped: {line}", markup=False)
         if args.train:
             _train(args, lm, mf, backprop_model, device, tmp, console, checkpoint_path)
     files = sorted(p.name for p in out.iterdir())
@@ -280,7 +283,10 @@ def _train(
         "backprop": histories[1].to_json() if len(histories) > 1 else None,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    training.plot_curves(histories, out / "curves.png")
+    try:
+        training.plot_curves(histories, out / "curves.png")
+    except MissingExtra as e:
+        console.print(f"skipped: {e}", markup=False)
 
 
 # ------------------------------------------------------------------------------------------ tables

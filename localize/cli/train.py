@@ -31,6 +31,7 @@ from torch.utils import _pytree as pytree
 
 from localize.data import epoch_batches, num_batches, sequential_batches
 from localize.errors import ConfigError, TargetError
+from localize.extras import require
 from localize.runtime.memory import SavedActivationMeter
 from localize.runtime.model import LocalModel
 
@@ -351,8 +352,10 @@ def copy_for_backprop(model: nn.Module) -> nn.Module:
 
 
 def plot_curves(histories: list[History], path: Path) -> None:
-    """Training losses per step and the test metric per epoch, one line per block / run."""
-    import matplotlib
+    """Training losses per step and the test metric per epoch, one line per block / run.
+
+    Raises :class:`~localize.extras.MissingExtra` without matplotlib (the ``plot`` extra)."""
+    matplotlib = require("matplotlib", "plot", "curves.png")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -41,6 +41,7 @@ from localize.codegen.modules import CodegenError
 from localize.codegen.onnx import ONNX_TOLERANCE, OnnxResult, export_onnx
 from localize.codegen.program import OptimizerSpec, program_source, program_weights
 from localize.errors import ConfigError, VerificationError
+from localize.extras import MissingExtra
 from localize.passes.annotate_tensors import value_info
 from localize.runtime.model import LocalModel
 from localize.runtime.schedule import parse_schedule
@@ -195,8 +196,13 @@ def write_artifacts(
     program = _write_program(out, lm, gen, model, optimizer, batch_size, seed, example_inputs, inputs)
     if program["status"] == "ok":
         files.append("program.py")
-    graph_file = write_graph(lm, out)
-    files.append(graph_file)
+    skipped: list[str] = []
+    try:
+        graph_file: str | None = write_graph(lm, out)
+        files.append(graph_file)
+    except MissingExtra as e:
+        graph_file = None
+        skipped.append(str(e))
 
     exports: list[OnnxResult] = []
     for block in lm.blocks:
@@ -219,8 +225,10 @@ def write_artifacts(
         program=program,
         graph=graph_file,
     )
+    skipped += dict.fromkeys(r.error for r in exports if r.status == "skipped" and r.error != "--no-onnx")
     files.insert(0, "plan.json")
     doc["files"] = sorted(files)
+    doc["skipped"] = skipped  # outputs an uninstalled extra would add, each with the pip line
     (out / "plan.json").write_text(json.dumps(doc, indent=2) + "\n")
     return doc
 

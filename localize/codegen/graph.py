@@ -8,6 +8,7 @@ from pathlib import Path
 import torch.fx as fx
 
 from localize.compiler.tracer import lmeta
+from localize.extras import require
 from localize.passes.annotate_tensors import value_info
 from localize.runtime.model import LocalModel
 
@@ -18,8 +19,10 @@ _PALETTE = ["#cfe2ff", "#d1e7dd", "#fff3cd", "#f8d7da", "#e2d9f3", "#d2f4ea", "#
 
 
 def write_graph(lm: LocalModel, out: Path) -> str:
-    """``graph.svg`` (Graphviz) or ``graph.dot``: nodes coloured by block, cut edges in red."""
-    import pydot
+    """``graph.svg`` (Graphviz) or ``graph.dot``: nodes coloured by block, cut edges in red.
+
+    Raises :class:`~localize.extras.MissingExtra` without pydot (the ``plot`` extra)."""
+    pydot = require("pydot", "plot", "graph.svg")
 
     gm = lm.plan.gm
     dot = pydot.Dot("localize", graph_type="digraph", rankdir="TB", fontname="Helvetica", fontsize="10")

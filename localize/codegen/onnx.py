@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from localize.extras import MissingExtra, require
 from localize.runtime.model import LocalModel
 
 __all__ = ["ONNX_TOLERANCE", "OnnxResult", "BlockWithHead", "export_onnx"]
@@ -54,12 +55,10 @@ def export_onnx(lm: LocalModel, index: int, args: tuple, path: Path) -> OnnxResu
     """Export block ``index`` with its head (eval mode, dynamic batch where possible) and check it."""
     start = time.perf_counter()
     try:
-        import onnx
-        import onnxruntime
-    except ImportError as e:
-        return OnnxResult(
-            None, "skipped", None, f"{e.name} is not installed: pip install 'localize-learning[export]'", 0.0
-        )
+        onnx = require("onnx", "export", "block_<i>.onnx")
+        onnxruntime = require("onnxruntime", "export", "block_<i>.onnx")
+    except MissingExtra as e:
+        return OnnxResult(None, "skipped", None, str(e), 0.0)
     block = lm.blocks[index]
     slot = block.plan.outputs.index(block.plan.primary) if block.aux is not None else None
     wrapper = BlockWithHead(block.module, block.aux, slot)
