@@ -107,7 +107,9 @@ def balance_blocks(gm: fx.GraphModule, cuts: list[CutPoint], blocks: int, metric
             final, last = cand, i
     if last < 0:
         raise PlanError(
-            f"no partition into {blocks} blocks gives every block a trainable parameter; ask for fewer blocks"
+            f"no partition into {blocks} blocks gives every block a trainable parameter at the {len(cuts)} legal "
+            f"cut points; ask for fewer blocks, or raise max_frontier (--max-frontier) to allow cuts where several "
+            f"activations cross"
         )
     chosen = [last]
     k, j = blocks - 1, last

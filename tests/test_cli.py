@@ -368,3 +368,110 @@ def test_base_install_without_extras_writes_what_it_can_and_names_the_extra(tmp_
     assert "graph" not in doc and len(doc["skipped"]) == 2
     written = {p.name for p in out.iterdir()}
     assert {"program.py", "metrics.json", "block_0.py"} <= written and not written & {"graph.svg", "graph.dot", "curves.png"}
+
+
+BAD = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+
+    class Bad(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.a(x)
+            if h.sum() > 0:  # data-dependent: neither fx nor export captures it
+                h = h * 2
+            return self.b(h)
+
+
+    def model():
+        return Bad()
+
+
+    def example_inputs():
+        return (torch.randn(3, 4),)
+    """
+)
+
+
+def test_an_uncapturable_model_prints_one_line_and_keeps_torchs_output_in_a_log(tmp_path):
+    path = tmp_path / "bad.py"
+    path.write_text(BAD)
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "localize", str(path), "--blocks", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    log = tmp_path / "out.trace.log"
+    assert f"(torch's messages are in {log})" in result.stderr
+    assert "if h.sum() > 0" in result.stderr and "def forward" in log.read_text()  # the graph dump moved
+    assert not out.exists()
+
+
+SKIP = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+
+    class Skip(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c, self.d = nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            g = torch.relu(self.c(torch.relu(self.b(h))))
+            return self.d(g + h)  # h crosses every cut between a and the add
+
+
+    def model():
+        return Skip()
+
+
+    def example_inputs():
+        return (torch.randn(4, 6),)
+    """
+)
+
+
+def test_max_frontier_flag_allows_cuts_across_two_activations(tmp_path, capsys):
+    path = tmp_path / "skip.py"
+    path.write_text(SKIP)
+    code, _, err = run_cli([path, "--blocks", "4", "--out", tmp_path / "a", "--no-onnx"], capsys)
+    assert code == 2 and "raise max_frontier (--max-frontier)" in err
+    code, out, err = run_cli([path, "--blocks", "4", "--max-frontier", "2", "--out", tmp_path / "b", "--no-onnx"], capsys)
+    assert code == 0, err
+    doc = json.loads((tmp_path / "b" / "plan.json").read_text())
+    assert doc["options"]["max_frontier"] == 2 and doc["num_blocks"] == 4
+
+
+def test_threads_flag_sets_and_shows_the_thread_count(tiny, tmp_path, capsys):
+    before = torch.get_num_threads()
+    try:
+        code, out, err = run_cli([tiny, "--blocks", "2", "--out", tmp_path / "o", "--no-onnx", "--threads", "2"], capsys)
+        assert code == 0, err
+        assert torch.get_num_threads() == 2 and "threads: 2" in out
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_help_lists_every_strategy_every_default_and_an_example(capsys):
+    from localize.aux import available
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "{" + ",".join(available()) + "}" in text
+    for option in ("--blocks", "--aux", "--epochs", "--batch-size", "--lr", "--optimizer", "--max-frontier", "--threads"):
+        i = text.index(option + " ", text.index("options:"))
+        assert "(default:" in text[i : i + 400], option
+    assert "Example: localize examples/mnist1d_resnet.py" in text

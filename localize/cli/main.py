@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 import localize
+from localize.cli.quiet import torch_output_to
 from localize.compiler.model_file import ModelFile, load_model_file, localize_file, split_spec
 from localize.data import random_dataset
 from localize.errors import ConfigError, LocalizeError
@@ -57,33 +58,45 @@ def _positive(kind: type, what: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from localize.aux import available
+
     p = _Parser(
         prog=PROG,
         description="Cut a PyTorch model into gradient-isolated blocks trained by local losses.",
         epilog="MODEL.py defines model() -> nn.Module and example_inputs() -> tuple; optionally "
-        "dataset() -> (train, test) and loss_fn(prediction, target).",
+        "dataset() -> (train, test) and loss_fn(prediction, target). Example: "
+        "localize examples/mnist1d_resnet.py --blocks 4 --train --epochs 3 --threads 1",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("model", metavar="MODEL.py[:factory]", help="model file (factory defaults to model)")
     p.add_argument(
         "--blocks", type=_positive(int, "use an integer >= 1 (1 is plain backprop)"), default=None,
-        help="number of blocks K (default 4, or one more than the --cuts)",
+        help="number of blocks K (None: 4, or one more than the --cuts)",
     )
-    p.add_argument("--aux", default="dgl", help="aux-head strategy (default dgl)")
+    p.add_argument("--aux", default="dgl", choices=available(), help="aux-head strategy")
     p.add_argument("--balance", choices=["flops", "params", "memory"], default="flops", help="cost the blocks balance")
     p.add_argument("--cuts", default=None, help="module names that start blocks, e.g. layer2,layer3")
-    p.add_argument("--out", default=None, metavar="DIR", help="output directory (default localize_out/<file stem>)")
+    p.add_argument(
+        "--max-frontier", type=_positive(int, "use an integer >= 1"), default=1, metavar="N",
+        help="activations that may cross a cut (raise it when a model has too few legal cuts for --blocks)",
+    )
+    p.add_argument(
+        "--threads", type=_positive(int, "use an integer >= 1"), default=None, metavar="N",
+        help="torch intra-op threads (None: torch's choice; 1 is fastest on a busy 2-core machine)",
+    )
+    p.add_argument("--out", default=None, metavar="DIR", help="output directory (None: localize_out/<file stem>)")
     p.add_argument("--train", action="store_true", help="train with local learning after compiling")
-    p.add_argument("--epochs", type=_positive(int, "use an integer >= 1"), default=5, help="training epochs (default 5)")
-    p.add_argument("--batch-size", type=_positive(int, "use an integer >= 1"), default=64, help="default 64")
-    p.add_argument("--lr", type=_positive(float, "use a learning rate > 0"), default=None, help="learning rate")
-    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="adamw", help="per-block optimizer (default adamw)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="training device (default cpu)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order (default 0)")
+    p.add_argument("--epochs", type=_positive(int, "use an integer >= 1"), default=5, help="training epochs")
+    p.add_argument("--batch-size", type=_positive(int, "use an integer >= 1"), default=64, help="training batch size")
+    p.add_argument("--lr", type=_positive(float, "use a learning rate > 0"), default=None, help="learning rate (None: the optimizer's default, sgd 0.05, adamw 1e-3)")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="adamw", help="per-block optimizer")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="training device")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order")
     p.add_argument("--compare-bp", action="store_true", help="with --train: also train with plain backprop")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export (faster)")
     p.add_argument(
         "--distributed", action="store_true",
-        help="with --train: one block per process; launch with torchrun --nproc-per-node K (localize/distributed.py)",
+        help="with --train: one block per process; launch with torchrun --nproc-per-node K (localize.distributed)",
     )
     p.add_argument(
         "--checkpoint-every", type=_positive(int, "use a number of steps >= 1"), default=None, metavar="N",
@@ -136,6 +149,8 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: CUDA is not available on this machine; use --device cpu")
     device = torch.device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     cuts = _parse_cuts(args.cuts)
     for flag, value in (("--compare-bp", args.compare_bp), ("--checkpoint-every", args.checkpoint_every),
                         ("--resume", args.resume)):
@@ -147,16 +162,18 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     mf = load_model_file(args.model)
     checkpoint_path = out.with_name(out.name + ".checkpoint.pt")
     with artifacts.atomic_directory(out) as tmp:
-        lm, example = localize_file(
-            mf,
-            blocks=args.blocks,
-            aux=args.aux,
-            balance=args.balance,
-            cuts=cuts,
-            optimizer=args.optimizer,
-            lr=args.lr,
-            seed=args.seed,
-        )
+        with torch_output_to(out.with_name(out.name + ".trace.log")):  # torch.export's dumps, on failure
+            lm, example = localize_file(
+                mf,
+                blocks=args.blocks,
+                aux=args.aux,
+                balance=args.balance,
+                cuts=cuts,
+                max_frontier=args.max_frontier,
+                optimizer=args.optimizer,
+                lr=args.lr,
+                seed=args.seed,
+            )
         backprop_model = None
         if args.compare_bp:
             from localize.cli.train import copy_for_backprop
@@ -298,7 +315,7 @@ def summary_table(doc: dict[str, Any]) -> Table:
     inputs = ", ".join(f"{i['name']} {tuple(i['shape'])}" for i in model["inputs"])
     table = Table(
         title=f"{model['name']}: {doc['num_blocks']} blocks ({model['trace']} trace, inputs {inputs})",
-        caption=f"schedule: {doc['schedule']}",
+        caption=f"schedule: {doc['schedule']}   threads: {torch.get_num_threads()}",
         title_justify="left",
         caption_justify="left",
     )

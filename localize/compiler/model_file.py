@@ -232,6 +232,7 @@ def localize_file(
     aux: str = "dgl",
     balance: str = "flops",
     cuts: list[str] | None = None,
+    max_frontier: int = 1,
     optimizer: str = "adamw",
     lr: float | None = None,
     seed: int = 0,
@@ -255,5 +256,6 @@ def localize_file(
         loss_fn=mf.loss_fn,
         balance=balance,
         cuts=cuts,
+        max_frontier=max_frontier,
     )
     return lm, example

@@ -143,7 +143,7 @@ def run_cli(args: argparse.Namespace) -> int:
     process, ``cuda:LOCAL_RANK``), the default ``cpu`` gloo. Errors are one line on stderr (exit
     code 2 for a bad launch, printed by rank 0; 1 for a lost peer, printed by the ranks that saw it).
     """
-    _set_threads(None)
+    _set_threads(getattr(args, "threads", None))
     try:
         blocks, cuts, backend = _cli_options(args)
         Layout.of(int(os.environ.get("WORLD_SIZE", "1")), blocks)  # before building anything
@@ -157,6 +157,7 @@ def run_cli(args: argparse.Namespace) -> int:
             seed=args.seed,
             balance=getattr(args, "balance", "flops"),
             cuts=cuts,
+            max_frontier=getattr(args, "max_frontier", 1),
         )
         if len(lm.blocks) != blocks:
             raise ConfigError(
@@ -271,6 +272,7 @@ def load_local_model(
     seed: int = 0,
     balance: str = "flops",
     cuts: list[str] | None = None,
+    max_frontier: int = 1,
 ) -> tuple[LocalModel, Any]:
     """The LocalModel the launcher builds on every rank from ``MODEL.py[:factory]``, and the model file.
 
@@ -283,7 +285,15 @@ def load_local_model(
 
     mf = load_model_file(spec)
     lm, _ = localize_file(
-        mf, blocks=blocks, aux=aux, balance=balance, cuts=cuts, optimizer=optimizer, lr=lr, seed=seed
+        mf,
+        blocks=blocks,
+        aux=aux,
+        balance=balance,
+        cuts=cuts,
+        max_frontier=max_frontier,
+        optimizer=optimizer,
+        lr=lr,
+        seed=seed,
     )
     return lm, mf
 
