@@ -236,7 +236,7 @@ BAD_CASES = {
     "blocks 0": (["tiny.py", "--blocks", "0"], "--blocks: 0 is out of range"),
     "blocks not a number": (["tiny.py", "--blocks", "four"], "'four' is not a number"),
     "too many blocks": (["tiny.py", "--blocks", "40"], "ask for fewer blocks"),
-    "unknown aux": (["tiny.py", "--blocks", "2", "--aux", "nope"], "unknown aux strategy 'nope'"),
+    "unknown aux": (["tiny.py", "--blocks", "2", "--aux", "nope"], "--aux: invalid choice: 'nope' (choose from 'auglocal'"),
     "cuts name no module": (["tiny.py", "--cuts", "layer9"], "'layer9', which is not a module"),
     "empty cuts": (["tiny.py", "--cuts", ","], "--cuts is empty"),
     "unknown optimizer": (["tiny.py", "--optimizer", "lion"], "invalid choice: 'lion'"),
