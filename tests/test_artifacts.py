@@ -251,3 +251,38 @@ def test_check_writable_names_the_problem(tmp_path: Path):
     with pytest.raises(ConfigError, match="is a file, not a directory"):
         artifacts.check_writable(tmp_path / "file" / "sub" / "out")
     artifacts.check_writable(tmp_path / "new" / "out")  # missing parents are fine
+
+
+def test_onnx_blocks_are_ok_only_if_they_also_run_at_another_batch_size(tmp_path):
+    """GPT-2's later blocks receive the batch size as a constant: at batch 2 onnxruntime matches torch,
+    at batch 3 it fails. Each block is checked at a second batch size before it is reported ok, and
+    its inputs are named after the graph values (not args_0)."""
+    import onnxruntime
+    from zoo_models import ENTRIES
+
+    from localize.codegen.onnx import export_onnx, other_batch_inputs
+
+    entry = ENTRIES["hf_gpt2"]
+    lm = localize.transform(entry.build(), blocks=4, example_inputs=entry.inputs(2), **entry.options)
+    flat = lm.plan.traced.bind(entry.inputs(2), {})
+    args, other = artifacts.block_inputs(lm, flat), artifacts.block_inputs(lm, other_batch_inputs(flat))
+    lm.eval()
+    statuses = []
+    for block in lm.blocks:
+        result = export_onnx(lm, block.index, args[block.index], tmp_path / f"b{block.index}.onnx", other[block.index])
+        statuses.append(result.status)
+        if result.status != "ok":
+            assert result.status == "failed" and "at batch size 3" in result.error
+            continue
+        session = onnxruntime.InferenceSession(str(tmp_path / result.file), providers=["CPUExecutionProvider"])
+        assert [i.name for i in session.get_inputs()] == [
+            n for n, a in zip(block.plan.inputs, args[block.index]) if isinstance(a, torch.Tensor)
+        ]
+        tensors = [a for a in other[block.index] if isinstance(a, torch.Tensor)]
+        got = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), tensors)})
+        with torch.no_grad():
+            want = block.module(*other[block.index])
+        for g, w in zip(got, want):  # the independent check: torch's own block at batch 3
+            if isinstance(w, torch.Tensor):
+                torch.testing.assert_close(torch.from_numpy(g), w, atol=1e-4, rtol=1e-4)
+    assert statuses[0] == "ok" and "failed" in statuses  # block 0 exports fully; a later one is caught

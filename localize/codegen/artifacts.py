@@ -38,7 +38,7 @@ import localize
 from localize.codegen.blocks import block_source, generate
 from localize.codegen.graph import write_graph
 from localize.codegen.modules import CodegenError
-from localize.codegen.onnx import ONNX_TOLERANCE, OnnxResult, export_onnx
+from localize.codegen.onnx import ONNX_TOLERANCE, OnnxResult, export_onnx, other_batch_inputs
 from localize.codegen.program import OptimizerSpec, program_source, program_weights
 from localize.errors import ConfigError, VerificationError
 from localize.extras import MissingExtra
@@ -205,11 +205,11 @@ def write_artifacts(
         skipped.append(str(e))
 
     exports: list[OnnxResult] = []
+    other = _other_batch(lm, flat) if onnx else {}
     for block in lm.blocks:
         if onnx:
-            exports.append(
-                export_onnx(lm, block.index, inputs[block.index], out / f"block_{block.index}.onnx")
-            )
+            path = out / f"block_{block.index}.onnx"
+            exports.append(export_onnx(lm, block.index, inputs[block.index], path, other.get(block.index)))
             if exports[-1].file:
                 files.append(exports[-1].file)
         else:
@@ -231,6 +231,17 @@ def write_artifacts(
     doc["skipped"] = skipped  # outputs an uninstalled extra would add, each with the pip line
     (out / "plan.json").write_text(json.dumps(doc, indent=2) + "\n")
     return doc
+
+
+def _other_batch(lm: LocalModel, flat: list[Any]) -> dict[int, tuple]:
+    """Each block's arguments at a second batch size ({} when the model cannot run at one)."""
+    other = other_batch_inputs(flat)
+    if other is None:
+        return {}
+    try:
+        return block_inputs(lm, other)
+    except Exception:  # noqa: BLE001 - a fixed-batch model: ONNX is checked at the example's batch only
+        return {}
 
 
 def block_inputs(lm: LocalModel, flat: list[Any]) -> dict[int, tuple]:
