@@ -8,7 +8,7 @@ import torch
 from torch.optim.adamw import adamw as _torch_adamw
 
 from localize.errors import LocalizeError
-from localize.kernels._backend import device_guard, jit, path_for, tl
+from localize.kernels._backend import device_guard, jit, tl
 from localize.kernels._launch import fused_supported, launch_config, triton_dtype
 from localize.kernels._tensor_lists import (
     as_tensor_list,
@@ -17,6 +17,8 @@ from localize.kernels._tensor_lists import (
     launch_table,
     load_pointer,
 )
+from localize.kernels._verify import max_diff, odd_tensors, register_check, verified_path
+from localize.kernels.reference import adamw_step_reference
 
 __all__ = ["adamw_step"]
 
@@ -211,8 +213,22 @@ def adamw_step(
     )
     for (device, dtype), idx in group_by_device_dtype(lists["params"]).items():
         ps, gs, ms, vs = ([lists[k][i] for i in idx] for k in ("params", "grads", "exp_avgs", "exp_avg_sqs"))
-        path = path_for(device, dtype)
+        path = verified_path("adamw_step", device, dtype)
         if path == "torch":
             _torch_adamw_step(ps, gs, ms, vs, **hyper)
         else:
             _launch_adamw(path, ps, gs, ms, vs, **hyper)
+
+
+def _check_adamw(path: str, device: torch.device, dtype: torch.dtype) -> float:
+    """One AdamW step (step 3) on odd sizes, against :func:`adamw_step_reference`."""
+    p, g, m = (odd_tensors(device, dtype, seed) for seed in (0, 1, 2))
+    v = odd_tensors(device, dtype, 3, "positive")
+    want = [[x.clone() for x in xs] for xs in (p, m, v)]
+    hyper = dict(step=3, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    _launch_adamw(path, p, g, m, v, **hyper)
+    adamw_step_reference(want[0], g, want[1], want[2], **hyper)
+    return max_diff(p + m + v, want[0] + want[1] + want[2])
+
+
+register_check("adamw_step", _check_adamw)

@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from localize.errors import LocalizeError
-from localize.kernels._backend import device_guard, jit, path_for, tl
+from localize.kernels._backend import device_guard, jit, tl
+from localize.kernels._verify import max_diff, register_check, verified_path
+from localize.kernels.reference import cross_entropy_reference
 
 __all__ = ["CrossEntropyFunction", "cross_entropy"]
 
@@ -174,9 +176,23 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int 
         0.1269
     """
     _check(logits, target, ignore_index)
-    path = path_for(logits.device, logits.dtype)
+    path = verified_path("cross_entropy", logits.device, logits.dtype)
     if path == "torch":
         return F.cross_entropy(logits, target.long(), ignore_index=ignore_index)
     if logits.stride(1) != 1:
         logits = logits.contiguous()  # rows may be strided; each row must be contiguous
     return CrossEntropyFunction.apply(logits, target.long().contiguous(), int(ignore_index), path)
+
+
+def _check_cross_entropy(path: str, device: torch.device, dtype: torch.dtype) -> float:
+    """Loss and gradient on 5 rows of 37 classes (one ignored), against :func:`cross_entropy_reference`."""
+    logits = torch.randn(5, 37, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    target = torch.tensor([3, -100, 36, 0, 17], device=device)
+    loss, grad = _launch_cross_entropy(path, logits, target, -100, True)
+    ref = logits.detach().clone().requires_grad_(True)
+    want = cross_entropy_reference(ref, target)
+    want.backward()
+    return max_diff([loss.reshape(1), grad], [want.detach().reshape(1), ref.grad])
+
+
+register_check("cross_entropy", _check_cross_entropy)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from localize.errors import LocalizeError
-from localize.kernels._backend import device_guard, jit, path_for, tl
+from localize.kernels._backend import device_guard, jit, tl
 from localize.kernels._launch import launch_config, triton_dtype
 from localize.kernels._tensor_lists import (
     as_tensor_list,
@@ -16,6 +16,8 @@ from localize.kernels._tensor_lists import (
     launch_table,
     load_pointer,
 )
+from localize.kernels._verify import max_diff, odd_tensors, register_check, verified_path
+from localize.kernels.reference import ema_update_reference
 
 __all__ = ["ema_update"]
 
@@ -109,8 +111,20 @@ def ema_update(ema_params: Sequence[torch.Tensor], params: Sequence[torch.Tensor
     for (device, dtype), idx in group_by_device_dtype(lists["ema_params"]).items():
         es = [lists["ema_params"][i] for i in idx]
         ps = [lists["params"][i] for i in idx]
-        path = path_for(device, dtype)
+        path = verified_path("ema_update", device, dtype)
         if path == "torch":
             torch._foreach_lerp_(es, ps, 1.0 - decay)
         else:
             _launch_ema(path, es, ps, decay=float(decay))
+
+
+def _check_ema(path: str, device: torch.device, dtype: torch.dtype) -> float:
+    """One EMA update on odd sizes, against :func:`ema_update_reference`."""
+    e, p = (odd_tensors(device, dtype, seed) for seed in (0, 1))
+    want = [x.clone() for x in e]
+    _launch_ema(path, e, p, decay=0.9)
+    ema_update_reference(want, p, decay=0.9)
+    return max_diff(e, want)
+
+
+register_check("ema_update", _check_ema)

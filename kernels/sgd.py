@@ -8,7 +8,7 @@ import torch
 from torch.optim.sgd import sgd as _torch_sgd
 
 from localize.errors import LocalizeError
-from localize.kernels._backend import device_guard, jit, path_for, tl
+from localize.kernels._backend import device_guard, jit, tl
 from localize.kernels._launch import fused_supported, launch_config, triton_dtype
 from localize.kernels._tensor_lists import (
     as_tensor_list,
@@ -17,6 +17,8 @@ from localize.kernels._tensor_lists import (
     launch_table,
     load_pointer,
 )
+from localize.kernels._verify import max_diff, odd_tensors, register_check, verified_path
+from localize.kernels.reference import sgd_step_reference
 
 __all__ = ["sgd_step"]
 
@@ -205,8 +207,21 @@ def sgd_step(
         ps = [lists["params"][i] for i in idx]
         gs = [lists["grads"][i] for i in idx]
         bs = [lists["momentum_buffers"][i] for i in idx] if momentum != 0 else []
-        path = path_for(device, dtype)
+        path = verified_path("sgd_step", device, dtype)
         if path == "torch":
             _torch_sgd_step(ps, gs, bs, **hyper)
         else:
             _launch_sgd(path, ps, gs, bs, **hyper)
+
+
+def _check_sgd(path: str, device: torch.device, dtype: torch.dtype) -> float:
+    """One Nesterov step with weight decay on odd sizes, against :func:`sgd_step_reference`."""
+    p, g, b = (odd_tensors(device, dtype, seed) for seed in (0, 1, 2))
+    want_p, want_b = [x.clone() for x in p], [x.clone() for x in b]
+    hyper = dict(lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True)
+    _launch_sgd(path, p, g, b, **hyper)
+    sgd_step_reference(want_p, g, want_b, **hyper)
+    return max_diff(p + b, want_p + want_b)
+
+
+register_check("sgd_step", _check_sgd)

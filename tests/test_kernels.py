@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -521,3 +522,82 @@ def test_cross_entropy_errors(backend):
             K.cross_entropy(torch.randn(2, 5), torch.zeros(3, dtype=torch.long))
         with pytest.raises(LocalizeError, match=r"integer class indices, got dtype torch.float32"):
             K.cross_entropy(torch.randn(2, 5), torch.zeros(2))
+
+
+# --- first-use verification -------------------------------------------------------------------
+
+_needs_interpreter = pytest.mark.skipif(not INTERPRETER, reason="needs triton and TRITON_INTERPRET=1 at import")
+
+
+@pytest.fixture
+def fresh_checks():
+    from localize.kernels._verify import forget_checks
+
+    forget_checks()
+    yield
+    forget_checks()
+
+
+@_needs_interpreter
+def test_a_kernel_that_matches_its_reference_is_used_without_a_word(fresh_checks, recwarn):
+    import localize.kernels.sgd as sgd_module
+    from localize.kernels._verify import verified_path
+
+    launches = []
+    real = sgd_module._launch_sgd
+    with K.use_backend("triton-interpret"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(sgd_module, "_launch_sgd", lambda *a, **k: (launches.append(a[0]), real(*a, **k)))
+            K.sgd_step([torch.ones(5)], [torch.ones(5)], lr=0.1)
+        assert verified_path("sgd_step", torch.device("cpu"), torch.float32) == "triton-interpret"
+    assert launches == ["triton-interpret", "triton-interpret"]  # the check, then the step itself
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+@_needs_interpreter
+def test_a_miscompiled_kernel_falls_back_to_torch_with_one_warning(fresh_checks, monkeypatch):
+    import localize.kernels.sgd as sgd_module
+
+    real = sgd_module._launch_sgd
+
+    def wrong(path, params, *args, **kwargs):  # what a miscompiled kernel does: a wrong update
+        real(path, params, *args, **kwargs)
+        torch._foreach_add_(params, 1e-2)
+
+    monkeypatch.setattr(sgd_module, "_launch_sgd", wrong)
+    p, g = [torch.randn(1025)], [torch.randn(1025)]
+    want = _clone(p)
+    sgd_step_reference(want, g, lr=0.1)
+    with K.use_backend("triton-interpret"):
+        with pytest.warns(RuntimeWarning, match=r"triton-interpret sgd_step kernel on cpu float32 differs from the torch reference by 0\.01; that combination uses torch's fused path"):
+            K.sgd_step(p, g, lr=0.1)
+        torch.testing.assert_close(p[0], want[0])  # the step itself took the torch path
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            K.sgd_step(p, g, lr=0.1)  # decided once: no second warning
+
+
+@_needs_interpreter
+def test_a_kernel_that_fails_to_compile_falls_back_to_torch(fresh_checks, monkeypatch):
+    import localize.kernels.ema as ema_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PTX assembly failed\nmore detail")
+
+    monkeypatch.setattr(ema_module, "_launch_ema", broken)
+    e, p = [torch.zeros(7)], [torch.ones(7)]
+    with K.use_backend("triton-interpret"):
+        with pytest.warns(RuntimeWarning, match=r"ema_update kernel on cpu float32 failed \(RuntimeError: PTX assembly failed\)"):
+            K.ema_update(e, p, decay=0.9)
+    torch.testing.assert_close(e[0], torch.full((7,), 0.1))
+
+
+@_needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=_ids(DTYPES))
+def test_every_kernel_passes_its_own_check_on_the_interpreter(dtype, fresh_checks):
+    from localize.kernels._verify import _CHECKS
+
+    assert set(_CHECKS) == {"sgd_step", "adamw_step", "ema_update", "cross_entropy"}
+    with K.use_backend("triton-interpret"):
+        for name, check in _CHECKS.items():
+            assert check("triton-interpret", torch.device("cpu"), dtype) <= {torch.float32: 1e-4}.get(dtype, 5e-2), name
