@@ -5,7 +5,9 @@
 (``F.dropout(x, p, self.training)``; the tracer marks those in ``meta["localize"]["mode_args"]``).
 This pass replaces such constants with the output of a :class:`TrainingFlag` module, one per
 block, so that ``LocalModel.train()`` switches dropout and batch statistics exactly like the
-original model. (Attention dropout inside ``scaled_dot_product_attention`` stays as exported.)
+original model. Attention dropout passed to ``scaled_dot_product_attention`` as a number, which the
+export tracer marks in ``meta["localize"]["mode_values"]`` with its train-mode value
+(:mod:`localize.compiler.export_modes`), becomes ``flag * p``: ``p`` in train mode, 0 in eval.
 """
 
 from __future__ import annotations
@@ -63,6 +65,14 @@ def bind_training_mode(gm: fx.GraphModule) -> list[TrainingFlag]:
         index = MODE_ARGS.get(node.target) if node.op == "call_function" else None
         if index is not None and len(node.args) > index:
             node.update_arg(index, flag(node, False))
+        for key, value in lmeta(node).get("mode_values", {}).items():
+            with gm.graph.inserting_before(node):
+                scaled = gm.graph.call_function(operator.mul, (flag(node, False), value))
+            lmeta(scaled).update(block=lmeta(node).get("block", 0), module="")
+            if key == "dropout_p" and len(node.args) > 4:
+                node.update_arg(4, scaled)
+            else:
+                node.update_kwarg(key, scaled)
         for (where, key), inverted in lmeta(node).get("mode_args", ()):
             if where == "args":
                 node.update_arg(key, flag(node, inverted))

@@ -247,3 +247,55 @@ def test_named_optimizers_are_localize_optim_and_match_torch(name, torch_cls, kw
     assert all(isinstance(blk.optimizer, (optim.SGD, optim.AdamW)) for blk in a.blocks)
     for (n, p), q in zip(a_model.named_parameters(), b_model.parameters()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=n)
+
+
+def _hf_gpt2_with_dropout():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=16, bos_token_id=0, eos_token_id=0
+    )
+    config._attn_implementation = "sdpa"  # attention dropout is a number passed to the fused op
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def test_exported_attention_dropout_follows_train_and_eval():
+    """HF GPT-2 with attn_pdrop 0.1 goes through torch.export (in eval mode); in train() the local
+    model must drop attention weights exactly as the original does for the same seed."""
+    model = _hf_gpt2_with_dropout()
+    x = torch.randint(0, 100, (2, 8))
+    lm = localize.transform(model, blocks=2, example_inputs=(x,))
+    assert lm.plan.traced.method == "export" and lm.plan.traced.warnings == []
+    for mode in (True, False):
+        lm.train(mode)
+        model.train(mode)
+        torch.manual_seed(5)
+        got = lm(x).logits
+        torch.manual_seed(5)
+        want = model(x, use_cache=False).logits
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    lm.train()
+    torch.manual_seed(5)
+    first = lm(x).logits
+    assert not torch.allclose(first, lm(x).logits)  # dropout is on in train(): two calls differ
+
+
+class _BranchOnTraining(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(6, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        if x.shape[-1] == 6:  # only torch.export traces this
+            x = x * 2
+        h = self.a(x)
+        if self.training:  # export follows one side of this branch
+            h = h + 1.0
+        return self.b(h)
+
+
+def test_an_export_branch_on_training_warns_in_one_line_instead_of_differing_silently():
+    with pytest.warns(RuntimeWarning, match=r"localize: in train\(\) the model runs other ops than in eval\(\)"):
+        lm = localize.transform(_BranchOnTraining(), blocks=2, example_inputs=(torch.randn(4, 6),))
+    assert lm.plan.traced.method == "export" and len(lm.plan.traced.warnings) == 1
+    assert "\n" not in lm.plan.traced.warnings[0]

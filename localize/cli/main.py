@@ -202,6 +202,8 @@ def _run(args: argparse.Namespace, console: Console) -> int:
             onnx=not args.no_onnx,
         )
         console.print(summary_table(doc))
+        for line in lm.plan.traced.warnings:  # train() differs from the traced graph: never silently
+            console.print(f"warning: {line}", markup=False)
         for line in problems(doc):
             console.print(f"[yellow]warning:[/yellow] {line}")
         for line in doc["skipped"]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Any
 
 import torch
@@ -10,6 +11,7 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils import _pytree as pytree
 
+from localize.compiler.export_modes import reads_training, train_mode_values
 from localize.compiler.trace_errors import _first_line
 from localize.compiler.traced import Traced, lmeta
 from localize.errors import TraceError
@@ -33,13 +35,17 @@ def _trace_export(model, sig, example_inputs, example_kwargs, fx_error) -> Trace
         )
         for name, value in bound_all.items()
     }
-    was_training = model.training
-    model.eval()  # dropout/batch-norm become mode-switchable ops in a later pass
-    try:
-        ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
-    finally:
-        model.train(was_training)
-    gm = ep.module()
+    def export(training: bool) -> fx.GraphModule:
+        was_training = model.training
+        model.train(training)
+        try:
+            return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False).module()
+        finally:
+            model.train(was_training)
+
+    gm = export(False)  # dropout/batch-norm become mode-switchable ops in a later pass
+    # what forward decides from self.training beyond that: attention dropout, other branches
+    mode_warnings = train_mode_values(gm, lambda: export(True)) if reads_training(model) else []
     in_spec, out_spec = gm._in_spec, gm._out_spec
     gm.graph.set_codegen(fx.graph.CodeGen())
 
@@ -91,7 +97,11 @@ def _trace_export(model, sig, example_inputs, example_kwargs, fx_error) -> Trace
     gm.graph.eliminate_dead_code()
     # a plain GraphModule: the exported module class refuses train()/eval()
     gm = fx.GraphModule(gm, gm.graph, type(model).__name__)
-    return Traced(gm, "export", input_names, constants, out_spec, sig, notes, fixed_batch)
+    traced = Traced(gm, "export", input_names, constants, out_spec, sig, notes, fixed_batch)
+    traced.warnings = mode_warnings
+    for message in mode_warnings:
+        warnings.warn(f"localize: {message}", RuntimeWarning, stacklevel=4)
+    return traced
 
 
 def _clean_export_path(path: str) -> str:

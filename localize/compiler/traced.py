@@ -32,6 +32,7 @@ class Traced:
     signature: inspect.Signature
     notes: list[str] = field(default_factory=list)
     fixed_batch: dict[str, int] = field(default_factory=dict)  # inputs whose batch dim export fixed
+    warnings: list[str] = field(default_factory=list)  # ways train() differs from the traced graph
 
     def bind(self, args: tuple, kwargs: dict) -> list[Any]:
         """Map a call ``model(*args, **kwargs)`` onto the graph's placeholders."""
