@@ -211,3 +211,15 @@ def test_a_leaf_from_outside_torch_nn_is_rebuilt_from_its_class(tmp_path: Path):
         assert run_program(program, lm, batches, seed=1) == run_local(lm, batches, seed=1)
     finally:
         sys.path.remove(str(tmp_path))
+
+
+def test_program_for_a_model_holding_torch_transformer_layers(tmp_path: Path):
+    from test_transform import _EncoderClassifier
+
+    torch.manual_seed(0)
+    example = (torch.randn(3, 6, 8),)
+    lm = localize.transform(_EncoderClassifier(), blocks=3, example_inputs=example, optimizer="sgd")
+    program = write_program(lm, example, tmp_path / "out", "sgd")
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(4, 6, 8, generator=g), torch.randint(0, 5, (4,), generator=g)) for _ in range(3)]
+    assert run_program(program, lm, batches, seed=3) == run_local(lm, batches, seed=3)

@@ -299,3 +299,60 @@ def test_an_export_branch_on_training_warns_in_one_line_instead_of_differing_sil
         lm = localize.transform(_BranchOnTraining(), blocks=2, example_inputs=(torch.randn(4, 6),))
     assert lm.plan.traced.method == "export" and len(lm.plan.traced.warnings) == 1
     assert "\n" not in lm.plan.traced.warnings[0]
+
+
+class _EncoderClassifier(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Linear(8, 32)
+        layer = torch.nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.1)
+        self.encoder = torch.nn.TransformerEncoder(layer, 4, norm=torch.nn.LayerNorm(32))
+        self.head = torch.nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.embed(x)).mean(1))
+
+
+class _Seq2Seq(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.src, self.tgt = torch.nn.Linear(8, 32), torch.nn.Linear(8, 32)
+        self.transformer = torch.nn.Transformer(32, 4, 3, 3, 64, dropout=0.0, batch_first=True)
+        self.head = torch.nn.Linear(32, 5)
+
+    def forward(self, src, tgt):
+        mask = torch.nn.Transformer.generate_square_subsequent_mask(tgt.shape[1])
+        return self.head(self.transformer(self.src(src), self.tgt(tgt), tgt_mask=mask))
+
+
+def test_torch_transformer_encoder_is_cut_between_its_layers():
+    torch.manual_seed(0)
+    model, x = _EncoderClassifier(), torch.randn(3, 6, 8)
+    lm = localize.transform(model, blocks=4, example_inputs=(x,))
+    params = [b.plan.cost.params for b in lm.blocks]
+    assert max(params) < 1.1 * min(params)  # one encoder layer each, not one block holding all four
+    model.eval()
+    lm.eval()
+    with torch.no_grad():  # the encoder's own fast path runs in the original here
+        torch.testing.assert_close(lm(x), model(x), atol=1e-5, rtol=1e-5)
+    model.train()
+    lm.train()
+    torch.manual_seed(1)
+    got = lm(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(got, model(x), atol=1e-6, rtol=0)  # same dropout draws, layer by layer
+    named = localize.transform(_EncoderClassifier(), cuts=["encoder.layers.2"], example_inputs=(x,))
+    assert [b.plan.nodes[0] for b in named.blocks][1].startswith("encoder_layers_2")
+
+
+def test_torch_transformer_decoder_and_seq2seq_trace_layer_by_layer():
+    torch.manual_seed(0)
+    model = _Seq2Seq()
+    src, tgt = torch.randn(2, 7, 8), torch.randn(2, 5, 8)
+    lm = localize.transform(model, blocks=3, example_inputs=(src, tgt))
+    calls = [n.target for n in lm.plan.gm.graph.nodes if n.op == "call_module"]
+    assert sum("encoder.layers" in c for c in calls) == 3 and sum("decoder.layers" in c for c in calls) == 3
+    model.eval()
+    lm.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(lm(src, tgt), model(src, tgt), atol=1e-5, rtol=1e-5)

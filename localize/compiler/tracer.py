@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
+from localize.compiler.layer_stacks import LAYER_STACKS
 from localize.compiler.trace_errors import _both_failed, _first_line, _user_line
 from localize.compiler.trace_export import _trace_export
 from localize.compiler.traced import Traced, lmeta
@@ -138,9 +139,18 @@ class _PathTracer(fx.Tracer):
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaves:
             return True
+        if type(m) in LAYER_STACKS:
+            return False  # traced layer by layer (call_module below)
         if module_qualified_name and _is_mode_switch(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+
+    def call_module(self, m: torch.nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        stack = LAYER_STACKS.get(type(m))
+        if stack is not None:  # nn.TransformerEncoder & co: their layers, one leaf each
+            forward = lambda *a, **k: stack(m, *a, **k)  # noqa: E731
+        return super().call_module(m, forward, args, kwargs)
 
 
 _READS_TRAINING: dict[type, bool] = {}
