@@ -7,6 +7,8 @@ are channels-last. Without such an op the rank decides.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch.fx as fx
 
 from localize.passes.annotate_tensors import value_info
@@ -31,36 +33,26 @@ def _op_name(gm: fx.GraphModule, node: fx.Node) -> str:
 
 
 def infer_layout(gm: fx.GraphModule, node: fx.Node) -> str:
-    """"channels_first", "channels_last" or "flat" for a tensor-valued node."""
-    info = value_info(node)
-    ndim = len(info.shape) if info is not None and info.is_tensor else 0
-    if ndim <= 2:
-        return "flat"
-    seen, frontier = set(), [node]
-    while frontier:
-        n = frontier.pop(0)
-        if n in seen or n.op not in ("call_module", "call_function", "call_method"):
-            continue
-        seen.add(n)
-        name = _op_name(gm, n)
-        if any(k in name for k in _FIRST):
-            return "channels_first"
-        if any(k in name for k in _LAST):
-            return "channels_last"
-        frontier.extend(a for a in n.all_input_nodes if a.op != "get_attr")
-        if len(seen) > 64:
-            break
-    return "channels_first" if ndim >= 4 else "channels_last"
+    """"channels_first", "channels_last" or "flat" for a tensor-valued node, read backwards from
+    the ops that made it."""
+    return _first_layout(gm, node, [node], lambda n: [a for a in n.all_input_nodes if a.op != "get_attr"])
 
 
 def input_layout(gm: fx.GraphModule, node: fx.Node) -> str:
     """Layout of a model input, read from the first op after it that fixes one (a conv reads
     channels-first, a linear channels-last); by rank when none does."""
+    return _first_layout(gm, node, list(node.users), lambda n: list(n.users))
+
+
+def _first_layout(
+    gm: fx.GraphModule, node: fx.Node, start: list[fx.Node], neighbours: Callable[[fx.Node], list[fx.Node]]
+) -> str:
+    """Breadth-first from ``start`` (at most 65 ops): the first op that fixes a layout decides."""
     info = value_info(node)
     ndim = len(info.shape) if info is not None and info.is_tensor else 0
     if ndim <= 2:
         return "flat"
-    seen, frontier = set(), list(node.users)
+    seen, frontier = set(), start
     while frontier and len(seen) <= 64:
         n = frontier.pop(0)
         if n in seen or n.op not in ("call_module", "call_function", "call_method"):
@@ -71,5 +63,5 @@ def input_layout(gm: fx.GraphModule, node: fx.Node) -> str:
             return "channels_first"
         if any(k in name for k in _LAST):
             return "channels_last"
-        frontier.extend(n.users)
+        frontier.extend(neighbours(n))
     return "channels_first" if ndim >= 4 else "channels_last"

@@ -138,7 +138,7 @@ class LocalModel(nn.Module):
             else leaf.args[1]
             for b in self.blocks
         ]
-        self.__dict__["_steps"] = {}  # schedule text -> step GraphModule
+        self._steps: dict[str, fx.GraphModule] = {}  # schedule text -> step graph (a dict: not submodules)
         step = self._step_for(None)
         self.schedule: Schedule = schedule_of(step)
         self._state = StepState(self.loss_fn, [], self.on_nan)
