@@ -55,6 +55,7 @@ def build_step_graph(
     heads: Sequence[nn.Module | None],
     loss_slots: Sequence[int],
     schedule: Schedule | None = None,
+    clip_grad_norm: float | None = None,
 ) -> fx.GraphModule:
     """The step graph of ``program`` (a GraphModule named ``TrainStep``).
 
@@ -64,6 +65,7 @@ def build_step_graph(
         loss_slots: which output of block ``i`` its loss reads (the primary activation for a
             head, the selected model output for the last block).
         schedule: the order of the actions; default each block in turn, ``F L U``.
+        clip_grad_norm: when given, each block's update starts by clipping its gradient norm to it.
 
     Its ``forward(state, *inputs, target)`` returns the K loss values; ``state`` is a
     :class:`localize.runtime.ops.StepState`.
@@ -165,6 +167,8 @@ def build_step_graph(
             value = call(ops.backward, b, "backward", loss)
             values[b] = call(ops.check_loss, b, "checked", value)
         else:
+            if clip_grad_norm is not None:
+                values[b] = call(ops.clip_gradients, b, "clipped", values[b], float(clip_grad_norm))
             values[b] = call(ops.optimizer_step, b, "stepped", values[b])
             if head is not None and hasattr(head, "after_update"):
                 values[b] = call(ops.after_update, b, "updated", head_node(b), values[b])

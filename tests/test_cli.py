@@ -475,3 +475,10 @@ def test_help_lists_every_strategy_every_default_and_an_example(capsys):
         i = text.index(option + " ", text.index("options:"))
         assert "(default:" in text[i : i + 400], option
     assert "Example: localize examples/mnist1d_resnet.py" in text
+
+
+def test_clip_flag_reaches_the_step_and_plan(tiny, tmp_path, capsys):
+    code, out, err = run_cli([tiny, "--blocks", "2", "--out", tmp_path / "o", "--no-onnx", "--clip", "0.5"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "o" / "plan.json").read_text())["options"]["clip_grad_norm"] == 0.5
+    assert "clip_gradients(state, 0, checked_0, 0.5)" in (tmp_path / "o" / "program.py").read_text()

@@ -424,6 +424,18 @@ def test_pipeline_program_and_in_process_end_with_the_same_parameters(aux, files
             torch.testing.assert_close(got[name], want, atol=0, rtol=0, msg=f"block {block.index} {name}")
 
 
+def test_gradient_clipping_is_the_same_on_a_pipeline(files, tmp_path):
+    """clip_grad_norm is a node of the step graph: each stage clips its block as train_step does."""
+    ckpt = tmp_path / "ckpt"
+    procs = _launch(files["masked"], 2, "--blocks", "2", "--clip", "0.05", "--batch-size", "15", "--checkpoint", str(ckpt))
+    ref = _reference(files["masked"], 2, 15, clip_grad_norm=0.05)
+    unclipped = _reference(files["masked"], 2, 15)
+    results = _wait(procs)
+    assert [r[0] for r in results] == [0, 0], [r[2][-1500:] for r in results]
+    _assert_same_state(load_checkpoint(ckpt), ref.state_dict(), atol=0)
+    assert any(not torch.equal(a, b) for a, b in zip(ref.state_dict().values(), unclipped.state_dict().values()))
+
+
 def test_a_nan_loss_stops_the_pipeline_with_the_in_process_message(tmp_path):
     """on_nan exists once (runtime.ops.check_loss): the rank that meets it says what train_step says."""
     model = tmp_path / "nan.py"

@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive(int, "use an integer >= 1"), default=64, help="training batch size")
     p.add_argument("--lr", type=_positive(float, "use a learning rate > 0"), default=None, help="learning rate (None: the optimizer's default, sgd 0.05, adamw 1e-3)")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="adamw", help="per-block optimizer")
+    p.add_argument(
+        "--clip", type=_positive(float, "use a gradient norm > 0"), default=None, metavar="C",
+        help="clip each block's gradient norm to C before its update (None: no clipping)",
+    )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="training device")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order")
     p.add_argument("--compare-bp", action="store_true", help="with --train: also train with plain backprop")
@@ -170,6 +174,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
                 balance=args.balance,
                 cuts=cuts,
                 max_frontier=args.max_frontier,
+                clip_grad_norm=args.clip,
                 optimizer=args.optimizer,
                 lr=args.lr,
                 seed=args.seed,
@@ -187,6 +192,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
             "cuts": cuts,
             "max_frontier": lm.plan.max_frontier,
             "optimizer": {"name": args.optimizer} | OptimizerSpec.build(args.optimizer, args.lr).options,
+            "clip_grad_norm": args.clip,
             "batch_size": args.batch_size,
             "seed": args.seed,
         }

@@ -233,6 +233,7 @@ def localize_file(
     balance: str = "flops",
     cuts: list[str] | None = None,
     max_frontier: int = 1,
+    clip_grad_norm: float | None = None,
     optimizer: str = "adamw",
     lr: float | None = None,
     seed: int = 0,
@@ -257,5 +258,6 @@ def localize_file(
         balance=balance,
         cuts=cuts,
         max_frontier=max_frontier,
+        clip_grad_norm=clip_grad_norm,
     )
     return lm, example

@@ -50,6 +50,7 @@ def transform(
     cuts: list[str] | None = None,
     max_frontier: int = 1,
     on_nan: str = "raise",
+    clip_grad_norm: float | None = None,
 ) -> LocalModel:
     """Turn ``model`` into a :class:`LocalModel` of ``blocks`` gradient-isolated blocks.
 
@@ -72,6 +73,8 @@ def transform(
         cuts: module names that each start a new block (instead of automatic balancing).
         max_frontier: how many activations may cross a cut (1 keeps skip connections whole).
         on_nan: ``"raise"`` or ``"skip"`` when a local loss is not finite.
+        clip_grad_norm: clip each block's gradient norm (its parameters and its head's) to this
+            value before the block's update; default no clipping.
 
     Example:
         >>> import torch, localize
@@ -87,6 +90,10 @@ def transform(
     if blocks is None:
         blocks = 4 if cuts is None else len(cuts) + 1
     _check_args(model, blocks, aux, balance, max_frontier, on_nan, cuts)
+    if clip_grad_norm is not None and (
+        isinstance(clip_grad_norm, bool) or not isinstance(clip_grad_norm, (int, float)) or not clip_grad_norm > 0
+    ):
+        raise ConfigError(f"clip_grad_norm must be a number > 0 (or None), got {clip_grad_norm!r}")
     _check_options(example_kwargs, aux_options, loss_fn, lr)
     opt_factory = _optimizer_factory(optimizer, lr)
     example_inputs = _as_tuple(example_inputs)
@@ -164,6 +171,7 @@ def transform(
         optimizer=opt_factory,
         loss_fn=loss_fn or cross_entropy_last_dim,
         on_nan=on_nan,
+        clip_grad_norm=clip_grad_norm,
         flags=flags,
         complete=_complete_lazy_plan,
     )

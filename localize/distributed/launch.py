@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--aux", default="dgl")
     parser.add_argument("--optimizer", default="adamw")
     parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--clip", type=float, default=None, help="clip each block's gradient norm to this")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--shuffle", action="store_true")
@@ -158,6 +159,7 @@ def run_cli(args: argparse.Namespace) -> int:
             balance=getattr(args, "balance", "flops"),
             cuts=cuts,
             max_frontier=getattr(args, "max_frontier", 1),
+            clip_grad_norm=getattr(args, "clip", None),
         )
         if len(lm.blocks) != blocks:
             raise ConfigError(
@@ -273,6 +275,7 @@ def load_local_model(
     balance: str = "flops",
     cuts: list[str] | None = None,
     max_frontier: int = 1,
+    clip_grad_norm: float | None = None,
 ) -> tuple[LocalModel, Any]:
     """The LocalModel the launcher builds on every rank from ``MODEL.py[:factory]``, and the model file.
 
@@ -291,6 +294,7 @@ def load_local_model(
         balance=balance,
         cuts=cuts,
         max_frontier=max_frontier,
+        clip_grad_norm=clip_grad_norm,
         optimizer=optimizer,
         lr=lr,
         seed=seed,
@@ -300,7 +304,13 @@ def load_local_model(
 
 def _build_from_file(args: argparse.Namespace) -> tuple[LocalModel, Any]:
     lm, mf = load_local_model(
-        args.model, args.blocks, aux=args.aux, optimizer=args.optimizer, lr=args.lr, seed=args.seed
+        args.model,
+        args.blocks,
+        aux=args.aux,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        seed=args.seed,
+        clip_grad_norm=args.clip,
     )
     if int(os.environ.get("RANK", "0")) % args.blocks != 0:
         return lm, None  # only stage 0 reads the data

@@ -75,6 +75,7 @@ class LocalModel(nn.Module):
         optimizer: OptimizerFactory,
         loss_fn: LossFn,
         on_nan: str = "raise",
+        clip_grad_norm: float | None = None,
         flags: list[nn.Module] | None = None,
         complete: Callable[[LocalModel, list[Any]], None] | None = None,
     ) -> None:
@@ -84,6 +85,7 @@ class LocalModel(nn.Module):
         self.plan = plan
         self.loss_fn = loss_fn
         self.on_nan = on_nan
+        self.clip_grad_norm = clip_grad_norm
         self.step_count = 0
         self._optimizer_factory = optimizer
         self._complete = complete
@@ -147,7 +149,9 @@ class LocalModel(nn.Module):
         key = str(schedule) if schedule is not None else ""
         if key not in self._steps:
             heads = [b.aux for b in self.blocks]
-            self._steps[key] = build_step_graph(self._program, heads, self._loss_slots, schedule)
+            self._steps[key] = build_step_graph(
+                self._program, heads, self._loss_slots, schedule, clip_grad_norm=self.clip_grad_norm
+            )
         return self._steps[key]
 
     @property

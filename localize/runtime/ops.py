@@ -8,6 +8,8 @@ runs the code fx writes for that graph, so each op below exists once:
   prediction, or a head's own ``local_loss``);
 * :func:`backward`: zero the block's gradients and backpropagate inside it; returns the loss value;
 * :func:`check_loss`: the non-finite policy (``on_nan="raise"`` or ``"skip"``);
+* :func:`clip_gradients`: with ``clip_grad_norm=c``, the norm of the block's gradient (its
+  parameters and its head's) is clipped to ``c`` before its update;
 * :func:`optimizer_step` and :func:`after_update`: the block's update, then its head's hook (e.g.
   MAN's EMA), both skipped for a non-finite loss.
 
@@ -44,6 +46,7 @@ __all__ = [
     "after_update",
     "backward",
     "check_loss",
+    "clip_gradients",
     "head_loss",
     "local_loss",
     "optimizer_step",
@@ -146,6 +149,17 @@ def check_loss(state: StepState, block: int, value: float) -> float:
                 f"check the inputs, or pass on_nan='skip' to skip such updates"
             )
         state.skipped.append(block)
+    return value
+
+
+def clip_gradients(state: StepState, block: int, value: float, max_norm: float) -> float:
+    """Clip the norm of the gradient the block's optimizer will apply to ``max_norm``
+    (``torch.nn.utils.clip_grad_norm_`` over its parameters and its head's); skipped for a non-finite loss."""
+    optimizer = state.optimizers[block]
+    if optimizer is not None and math.isfinite(value):
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if params:
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
     return value
 
 
