@@ -64,3 +64,10 @@ def test_clipping_is_the_same_in_process_and_in_program(tmp_path):
     batches = [(torch.randn(8, 6, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(3)]
     got = [run_step(step, state, [x], y) for x, y in batches]
     assert got == [lm.train_step(x, y) for x, y in batches]
+
+
+def test_the_step_graph_is_kept_with_the_other_stages_and_printed_under_localize_debug(monkeypatch, capsys):
+    monkeypatch.setenv("LOCALIZE_DEBUG", "1")
+    lm = localize.transform(_mlp(), blocks=2, example_inputs=(torch.randn(2, 6),))
+    assert lm.plan.graphs["build_step_graph"] == lm.step_program.code
+    assert "# ---- after build_step_graph ----" in capsys.readouterr().out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import os
 import types
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -142,6 +143,9 @@ class LocalModel(nn.Module):
         ]
         self._steps: dict[str, fx.GraphModule] = {}  # schedule text -> step graph (a dict: not submodules)
         step = self._step_for(None)
+        self.plan.graphs["build_step_graph"] = step.code  # every stage inspectable, the step too
+        if os.environ.get("LOCALIZE_DEBUG"):
+            print(f"# ---- after build_step_graph ----\n{step.code}")
         self.schedule: Schedule = schedule_of(step)
         self._state = StepState(self.loss_fn, [], self.on_nan)
 
