@@ -17,7 +17,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from localize.compiler.tracer import lmeta
+from localize.compiler.traced import lmeta
 
 __all__ = ["TrainingFlag", "bind_training_mode", "MODE_ARGS"]
 

@@ -23,19 +23,13 @@ import torch
 import torch.fx as fx
 
 from localize.compiler.traced import lmeta
+from localize.passes.bind_training_mode import MODE_ARGS
 
 __all__ = ["reads_training", "train_mode_values"]
 
 _aten = torch.ops.aten
 _COPIES = {_aten.contiguous.default, _aten.clone.default, _aten.alias.default}
 _SDPA = {_aten.scaled_dot_product_attention.default}
-_MODE_FLAGS = {  # op -> index of its `training` flag (rebound by the pass, not a difference)
-    _aten.dropout.default: 2,
-    _aten.feature_dropout.default: 2,
-    _aten.alpha_dropout.default: 2,
-    _aten.feature_alpha_dropout.default: 2,
-    _aten.batch_norm.default: 5,
-}
 
 
 def reads_training(model: torch.nn.Module) -> bool:
@@ -83,7 +77,7 @@ def train_mode_values(eval_gm: fx.GraphModule, export_train: Callable[[], fx.Gra
             if p_eval == 0.0 and _same_except_dropout(ax, ay):
                 lmeta(x)["mode_values"] = {"dropout_p": p_train}
                 continue
-        flag = _MODE_FLAGS.get(x.target)
+        flag = MODE_ARGS.get(x.target)  # a training flag the pass rebinds: not a difference
         if flag is not None and _same_except(ax, ay, flag):
             continue
         module = lmeta(x).get("module") or "the top level"
