@@ -211,7 +211,10 @@ def char_dataset(
 # (the CLI, the distributed launcher and program.py all draw them here)
 
 
-def random_dataset(inputs, output_shape, num_train=512, num_test=128, seed=0):
+RANDOM_TRAIN = 512  # samples in the random training split of a model file without dataset()
+
+
+def random_dataset(inputs, output_shape, num_train=RANDOM_TRAIN, num_test=128, seed=0):
     """Random data shaped like the example inputs, for model files without ``dataset()``.
 
     ``inputs`` lists ``(name, shape per sample, dtype name, high)``: floats are standard normal,

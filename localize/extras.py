@@ -2,7 +2,8 @@
 
 The base install (torch, networkx, rich, numpy) compiles, trains and writes code; the extras add
 pictures (``plot``: pydot, matplotlib), ONNX files (``export``), offline datasets (``data``), Hugging
-Face models (``hf``) and compiled GPU kernels (``triton``). A part of the output that needs a
+Face models and ``transformers.Trainer`` (``hf``), ``lightning.Trainer`` (``lightning``) and compiled
+GPU kernels (``triton``). A part of the output that needs a
 missing extra is skipped with one line that names the extra, never a traceback.
 
 Example:

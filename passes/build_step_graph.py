@@ -5,7 +5,9 @@ The split program (:mod:`localize.passes.insert_gradient_cuts`) computes the mod
 does with it: for each block, ``F`` calls the block on its detached inputs; ``L`` calls its aux head
 on the block's primary activation (the last block reads the model output), computes the local loss
 and backpropagates inside the block; ``U`` steps the block's optimizer and runs its head's
-after-update hook. Everything but the blocks and heads is a call of :mod:`localize.runtime.ops`, so
+after-update hook (and, with a scheduler, steps its learning-rate scheduler). With ``autocast``,
+each block call and each loss sit between ``autocast_enter`` and ``autocast_exit`` nodes; with
+``accumulate=N`` the gradient ops carry ``accumulate=N``. Everything but the blocks and heads is a call of :mod:`localize.runtime.ops`, so
 fx's own code generator writes the whole step as Python: ``LocalModel.train_step`` runs that code,
 ``program.py`` holds the same text, and each distributed stage runs its slice of the same graph.
 
@@ -56,6 +58,9 @@ def build_step_graph(
     loss_slots: Sequence[int],
     schedule: Schedule | None = None,
     clip_grad_norm: float | None = None,
+    accumulate: int = 1,
+    autocast: str | None = None,
+    scheduler: bool = False,
 ) -> fx.GraphModule:
     """The step graph of ``program`` (a GraphModule named ``TrainStep``).
 
@@ -66,6 +71,9 @@ def build_step_graph(
             head, the selected model output for the last block).
         schedule: the order of the actions; default each block in turn, ``F L U``.
         clip_grad_norm: when given, each block's update starts by clipping its gradient norm to it.
+        accumulate: update every ``accumulate``-th call, on the gradients of the calls since.
+        autocast: ``"bf16"`` or ``"fp16"``: blocks, heads and losses run under ``torch.autocast``.
+        scheduler: whether each update is followed by a ``scheduler_step`` node.
 
     Its ``forward(state, *inputs, target)`` returns the K loss values; ``state`` is a
     :class:`localize.runtime.ops.StepState`.
@@ -96,10 +104,19 @@ def build_step_graph(
         node.meta["localize"] = {"block": block, "action": current[0]}
         return node
 
-    def call(fn: Any, block: int, name: str, *args: Any) -> fx.Node:
+    acc = {"accumulate": int(accumulate)} if accumulate != 1 else {}
+
+    def call(fn: Any, block: int, name: str, *args: Any, **kwargs: Any) -> fx.Node:
         return tag(
-            graph.create_node("call_function", fn, (state, block, *args), name=f"{name}_{block}"), block
+            graph.create_node("call_function", fn, (state, block, *args), kwargs, name=f"{name}_{block}"), block
         )
+
+    def enter(b: int, part: str) -> fx.Node | None:
+        return call(ops.autocast_enter, b, f"autocast_{part}", autocast) if autocast is not None else None
+
+    def leave(b: int, mode: fx.Node | None) -> None:
+        if mode is not None:
+            call(ops.autocast_exit, b, f"{mode.name.rpartition('_')[0]}_exit", mode)
 
     def emit_ready() -> None:
         """Program nodes (getitem, cuts) whose inputs exist, in program order."""
@@ -133,9 +150,11 @@ def build_step_graph(
             root[f"block_{b}"] = getattr(program, call_node.target)
             args = fx.node.map_arg(call_node.args, env.__getitem__)
             kwargs = fx.node.map_arg(call_node.kwargs, env.__getitem__)
+            mode = enter(b, "forward")
             env[call_node] = tag(
                 graph.create_node("call_module", f"block_{b}", args, kwargs, name=f"block_{b}"), b
             )
+            leave(b, mode)
             emit_ready()
             features[b] = next(
                 (
@@ -154,6 +173,7 @@ def build_step_graph(
                 b,
             )
         elif action.kind is ActionKind.LOSS:
+            mode = enter(b, "loss")
             if head is None:
                 loss = call(ops.local_loss, b, "loss", features[b], target)
             elif hasattr(head, "local_loss"):
@@ -164,14 +184,17 @@ def build_step_graph(
                 root[f"head_{b}"] = head
                 pred = tag(graph.create_node("call_module", f"head_{b}", (features[b],), name=f"head_{b}"), b)
                 loss = call(ops.local_loss, b, "loss", pred, target)
-            value = call(ops.backward, b, "backward", loss)
+            leave(b, mode)
+            value = call(ops.backward, b, "backward", loss, **acc)
             values[b] = call(ops.check_loss, b, "checked", value)
         else:
             if clip_grad_norm is not None:
-                values[b] = call(ops.clip_gradients, b, "clipped", values[b], float(clip_grad_norm))
-            values[b] = call(ops.optimizer_step, b, "stepped", values[b])
+                values[b] = call(ops.clip_gradients, b, "clipped", values[b], float(clip_grad_norm), **acc)
+            values[b] = call(ops.optimizer_step, b, "stepped", values[b], **acc)
+            if scheduler:
+                values[b] = call(ops.scheduler_step, b, "scheduled", values[b], **acc)
             if head is not None and hasattr(head, "after_update"):
-                values[b] = call(ops.after_update, b, "updated", head_node(b), values[b])
+                values[b] = call(ops.after_update, b, "updated", head_node(b), values[b], **acc)
     for b, head in enumerate(heads):
         if head is not None:
             root[f"head_{b}"] = head

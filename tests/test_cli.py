@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import localize
 from localize.cli.main import build_parser, main
 from localize.runtime.schedule import parse_schedule
 
@@ -201,6 +202,11 @@ def test_parser_is_one_function_with_every_flag():
         "--compare-bp",
         "--checkpoint-every",
         "--resume",
+        "--clip",
+        "--accumulate",
+        "--amp",
+        "--schedule",
+        "--warmup",
     } <= flags
 
 
@@ -261,6 +267,14 @@ BAD_CASES = {
         "--checkpoint-every: 0 is out of range",
     ),
     "compare-bp without train": (["tiny.py", "--blocks", "2", "--compare-bp"], "add --train"),
+    "schedule without train": (["tiny.py", "--blocks", "2", "--schedule", "cosine"], "--schedule only applies"),
+    "unknown amp": (["tiny.py", "--amp", "fp8"], "--amp: invalid choice: 'fp8'"),
+    "accumulate 0": (["tiny.py", "--accumulate", "0"], "--accumulate: 0 is out of range"),
+    "negative warmup": (["tiny.py", "--warmup", "-2"], "--warmup: -2 is out of range"),
+    "warmup longer than the run": (
+        ["tiny.py", "--blocks", "2", "--train", "--epochs", "1", "--schedule", "cosine", "--warmup", "9"],
+        "a cosine schedule over 1 updates leaves nothing after a warmup of 9",
+    ),
     "no model argument": ([], "the following arguments are required"),
 }
 
@@ -482,3 +496,24 @@ def test_clip_flag_reaches_the_step_and_plan(tiny, tmp_path, capsys):
     assert code == 0, err
     assert json.loads((tmp_path / "o" / "plan.json").read_text())["options"]["clip_grad_norm"] == 0.5
     assert "clip_gradients(state, 0, checked_0, 0.5)" in (tmp_path / "o" / "program.py").read_text()
+
+
+def test_training_loop_flags_reach_the_step_the_plan_and_program(tiny, tmp_path, capsys):
+    """--accumulate/--amp/--schedule/--warmup: the same step in process and in program.py; the
+    schedule runs over the run's updates (2 epochs x 3 batches / 2 = 3) and --compare-bp's backprop
+    trains with the same options."""
+    out = tmp_path / "o"
+    argv = [tiny, "--blocks", "2", "--out", out, "--no-onnx", "--train", "--epochs", "2", "--batch-size", "16",
+            "--accumulate", "2", "--amp", "bf16", "--schedule", "cosine", "--warmup", "1", "--compare-bp"]
+    code, stdout, err = run_cli(argv, capsys)
+    assert code == 0, err
+    options = json.loads((out / "plan.json").read_text())["options"]
+    assert options["accumulate"] == 2 and options["autocast"] == "bf16"
+    assert options["schedule"] == {"kind": "cosine", "warmup": 1}
+    program = (out / "program.py").read_text()
+    assert "SCHEDULE = LRSchedule(kind='cosine', total=3, warmup=1)" in program
+    assert "AUTOCAST = 'bf16'" in program and "accumulate = 2" in program
+    ckpt = localize.load(str(out / "checkpoint.pt"))
+    assert [s["last_epoch"] for s in ckpt.schedulers] == [3, 3] and ckpt.pending == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["local"]["step_losses"]) == 6 and len(metrics["backprop"]["step_losses"]) == 6

@@ -436,6 +436,24 @@ def test_gradient_clipping_is_the_same_on_a_pipeline(files, tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(ref.state_dict().values(), unclipped.state_dict().values()))
 
 
+def test_training_loop_options_are_the_same_on_a_pipeline(files, tmp_path):
+    """accumulate, autocast, the schedule and clipping are step-graph nodes: each stage runs them as
+    train_step does, bit for bit (cosine schedule with warmup, bf16 autocast, 2 batches per update)."""
+    import argparse
+
+    ckpt = tmp_path / "ckpt"
+    flags = ["--accumulate", "2", "--amp", "bf16", "--schedule", "cosine", "--warmup", "1", "--clip", "0.05"]
+    procs = _launch(files["masked"], 2, "--blocks", "2", "--batch-size", "9", "--checkpoint", str(ckpt), *flags)
+    args = argparse.Namespace(
+        clip=0.05, accumulate=2, amp="bf16", schedule="cosine", warmup=1, epochs=1, batch_size=9
+    )
+    ref = _reference(files["masked"], 2, 9, training=args)
+    results = _wait(procs)
+    assert [r[0] for r in results] == [0, 0], [r[2][-1500:] for r in results]
+    _assert_same_state(load_checkpoint(ckpt), ref.state_dict(), atol=0)
+    assert ref.schedulers[0].last_epoch == 2 and ref.pending == 1  # 5 batches: 2 updates, 1 pending
+
+
 def test_a_nan_loss_stops_the_pipeline_with_the_in_process_message(tmp_path):
     """on_nan exists once (runtime.ops.check_loss): the rank that meets it says what train_step says."""
     model = tmp_path / "nan.py"

@@ -145,3 +145,14 @@ def test_every_module_imports():
         except Exception as e:  # noqa: BLE001 - collect them all
             failed.append(f"{name}: {type(e).__name__}: {e}")
     assert not failed, "\n".join(failed)
+
+
+def test_an_integration_without_its_library_names_the_extra():
+    """The base install has no lightning: importing the integration says which extra brings it."""
+    code = (
+        "import sys; sys.modules['lightning'] = None\n"
+        "from localize.extras import MissingExtra\n"
+        "try:\n    import localize.integrations.lightning\nexcept MissingExtra as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert "pip install 'localize-learning[lightning]'" in out.stdout, out.stdout + out.stderr

@@ -24,7 +24,13 @@ from rich.table import Table
 
 import localize
 from localize.cli.quiet import torch_output_to
-from localize.compiler.model_file import ModelFile, load_model_file, localize_file, split_spec
+from localize.compiler.model_file import (
+    ModelFile,
+    load_model_file,
+    localize_file,
+    split_spec,
+    training_options,
+)
 from localize.data import random_dataset
 from localize.errors import ConfigError, LocalizeError
 from localize.extras import MissingExtra
@@ -55,6 +61,17 @@ def _positive(kind: type, what: str):
         return value
 
     return parse
+
+
+def _natural(text: str) -> int:
+    """An integer >= 0 (``--warmup``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; use a number of updates >= 0") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is out of range; use a number of updates >= 0")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +110,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--clip", type=_positive(float, "use a gradient norm > 0"), default=None, metavar="C",
         help="clip each block's gradient norm to C before its update (None: no clipping)",
+    )
+    p.add_argument(
+        "--accumulate", type=_positive(int, "use an integer >= 1"), default=1, metavar="N",
+        help="update every N-th step, on the gradients of the N batches (1: every step)",
+    )
+    p.add_argument(
+        "--amp", choices=["bf16", "fp16"], default=None,
+        help="run blocks and heads under torch.autocast (fp16 adds a GradScaler per block; None: full precision)",
+    )
+    p.add_argument(
+        "--schedule", choices=["cosine", "step", "none"], default="none",
+        help="learning-rate schedule over the run's updates, per block (step: x0.1 at 50%% and 75%%)",
+    )
+    p.add_argument(
+        "--warmup", type=_natural, default=0, metavar="W",
+        help="updates of linear warmup from lr/W to lr before the schedule",
     )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="training device")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order")
@@ -157,13 +190,15 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         torch.set_num_threads(args.threads)
     cuts = _parse_cuts(args.cuts)
     for flag, value in (("--compare-bp", args.compare_bp), ("--checkpoint-every", args.checkpoint_every),
-                        ("--resume", args.resume)):
+                        ("--resume", args.resume), ("--schedule", args.schedule != "none"),
+                        ("--warmup", args.warmup)):
         if value and not args.train:
             raise ConfigError(f"{flag} only applies to training; add --train")
     if args.resume is not None and not Path(args.resume).is_file():
         raise ConfigError(f"--resume {args.resume}: no such file; pass a checkpoint written by --checkpoint-every")
 
     mf = load_model_file(args.model)
+    data = mf.dataset() if args.train else None  # read once: the schedule counts its batches
     checkpoint_path = out.with_name(out.name + ".checkpoint.pt")
     with artifacts.atomic_directory(out) as tmp:
         with torch_output_to(out.with_name(out.name + ".trace.log")):  # torch.export's dumps, on failure
@@ -174,10 +209,10 @@ def _run(args: argparse.Namespace, console: Console) -> int:
                 balance=args.balance,
                 cuts=cuts,
                 max_frontier=args.max_frontier,
-                clip_grad_norm=args.clip,
                 optimizer=args.optimizer,
                 lr=args.lr,
                 seed=args.seed,
+                **training_options(args, mf, data[0] if data is not None else None),
             )
         backprop_model = None
         if args.compare_bp:
@@ -193,6 +228,9 @@ def _run(args: argparse.Namespace, console: Console) -> int:
             "max_frontier": lm.plan.max_frontier,
             "optimizer": {"name": args.optimizer} | OptimizerSpec.build(args.optimizer, args.lr).options,
             "clip_grad_norm": args.clip,
+            "accumulate": args.accumulate,
+            "autocast": args.amp,
+            "schedule": {"kind": args.schedule, "warmup": args.warmup},
             "batch_size": args.batch_size,
             "seed": args.seed,
         }
@@ -215,7 +253,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         for line in doc["skipped"]:
             console.print(f"skipped: {line}", markup=False)
         if args.train:
-            _train(args, lm, mf, backprop_model, device, tmp, console, checkpoint_path)
+            _train(args, lm, mf, data, backprop_model, device, tmp, console, checkpoint_path)
     files = sorted(p.name for p in out.iterdir())
     console.print(f"wrote {out}/: {', '.join(files)}")
     if args.checkpoint_every and checkpoint_path.exists():
@@ -237,7 +275,10 @@ def _checkpointing(args, lm: LocalModel, path: Path, console: Console):
     from localize.cli.train import Checkpointing
 
     # what must not change between a run and its resumption, besides the model and plan (fingerprint)
-    run = {"seed": args.seed, "batch_size": args.batch_size, "optimizer": args.optimizer, "lr": args.lr}
+    run = {
+        "seed": args.seed, "batch_size": args.batch_size, "optimizer": args.optimizer, "lr": args.lr,
+        "accumulate": args.accumulate, "amp": args.amp, "schedule": args.schedule, "warmup": args.warmup,
+    }
 
     def save(position: dict[str, Any], to: Path = path) -> None:
         lm.save(str(to), data=position | {"run": run})
@@ -270,11 +311,11 @@ def _checkpointing(args, lm: LocalModel, path: Path, console: Console):
 
 
 def _train(
-    args, lm: LocalModel, mf: ModelFile, backprop_model, device, out: Path, console: Console, checkpoint_path: Path
+    args, lm: LocalModel, mf: ModelFile, data, backprop_model, device, out: Path, console: Console,
+    checkpoint_path: Path,
 ) -> None:
     from localize.cli import train as training
 
-    data = mf.dataset()
     if data is None:
         inputs = [
             (n, tuple(x.shape[1:]), str(x.dtype).replace("torch.", ""), None if x.is_floating_point() else int(x.max()) + 1)

@@ -170,12 +170,22 @@ def train_backprop(
     device: torch.device,
     console: Console,
 ) -> History:
-    """Train ``model`` (a copy of the untransformed model) with plain backprop, same loss and data."""
+    """Train ``model`` (a copy of the untransformed model) with plain backprop, same loss and data,
+    and the same training-loop options as ``lm`` (accumulation, clipping, autocast, schedule), run by
+    the step graph's own runtime ops on one optimizer over the whole model."""
+    from localize.runtime import ops
     from localize.runtime.optim import build_optimizer
 
     traced, index, loss_fn = lm.plan.traced, lm.plan.output_index, lm.loss_fn
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(optimizer, params, lr=lr)
+    state = ops.StepState(
+        loss_fn,
+        [opt],
+        schedulers=ops.make_schedulers([opt], lm._scheduler_factory),
+        scalers=ops.make_scalers([opt], lm.autocast),
+    )
+    acc = lm.accumulate
 
     def call(inputs: tuple) -> Any:
         bound = traced.signature.bind_partial(*inputs).arguments
@@ -183,11 +193,17 @@ def train_backprop(
         return model(*inputs, **fixed)
 
     def step(inputs: tuple, target: torch.Tensor) -> list[float]:
-        loss = loss_fn(select_output(call(inputs), index), target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return [float(loss.detach())]
+        ops.begin_step(state, list(inputs))
+        mode = ops.autocast_enter(state, 0, lm.autocast) if lm.autocast else None
+        loss = ops.local_loss(state, 0, select_output(call(inputs), index), target)
+        if mode is not None:
+            ops.autocast_exit(state, 0, mode)
+        value = ops.check_loss(state, 0, ops.backward(state, 0, loss, acc))
+        if lm.clip_grad_norm is not None:
+            ops.clip_gradients(state, 0, value, lm.clip_grad_norm, acc)
+        ops.scheduler_step(state, 0, ops.optimizer_step(state, 0, value, acc), acc)
+        ops.end_step(state)
+        return [value]
 
     def forward(*inputs: torch.Tensor) -> torch.Tensor:
         return select_output(call(inputs), index)

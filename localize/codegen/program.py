@@ -33,6 +33,7 @@ from torch import nn
 from localize.codegen.blocks import Generated, _header_imports, generate
 from localize.codegen.modules import _IDENT, CodegenError, _attr, _imports_for, named_tensors
 from localize.runtime.model import LocalModel
+from localize.runtime.schedulers import LRSchedule
 from localize.version import __version__
 
 __all__ = ["OptimizerSpec", "program_source", "step_source"]
@@ -128,6 +129,8 @@ def program_source(
         f"ON_NAN = {lm.on_nan!r}  # a non-finite local loss: 'raise' or 'skip' the block's update\n"
         f"OPTIMIZER = {optimizer.name!r}\n"
         f"OPTIONS = {optimizer.options!r}\n"
+        f"SCHEDULE = {_schedule(lm)!r}  # each block's learning-rate schedule (None: constant)\n"
+        f"AUTOCAST = {lm.autocast!r}  # 'fp16' adds a GradScaler per block\n"
         f"# inputs for random data when the model file has no dataset(): (name, shape per sample, dtype, high)\n"
         f"INPUTS = {inputs!r}\n"
         f"OUTPUT_SHAPE = {tuple(lm.plan.output_shape or ())!r}  # of the example batch\n\n\n"
@@ -142,6 +145,16 @@ def program_source(
     text += _optimizers_source(lm)
     text += _PROGRAM_MAIN
     return text
+
+
+def _schedule(lm: LocalModel) -> LRSchedule | None:
+    factory = lm._scheduler_factory
+    if factory is not None and not isinstance(factory, LRSchedule):
+        raise CodegenError(
+            "program.py rebuilds learning-rate schedules made by localize.runtime.schedulers.LRSchedule "
+            f"(--schedule), not a custom factory ({type(factory).__name__}); use LRSchedule, or skip program.py"
+        )
+    return factory
 
 
 def program_weights(lm: LocalModel, gen: Generated) -> dict[str, Any]:
@@ -163,7 +176,8 @@ _PROGRAM_IMPORTS = {
     "from localize.compiler.model_file import load_model_file",
     "from localize.data import iterate_batches, random_dataset",
     "from localize.runtime.loss import cross_entropy_last_dim",
-    "from localize.runtime.ops import StepState, run_step",
+    "from localize.runtime.ops import StepState, make_scalers, make_schedulers, run_step",
+    "from localize.runtime.schedulers import LRSchedule",
     "from localize.runtime.optim import build_optimizer",
 }
 
@@ -327,7 +341,14 @@ _PROGRAM_MAIN = """def main(argv=None):
 
     model_file = load_model_file(args.model_file)  # first: blocks may hold classes it defines
     step = build().to(args.device).train()
-    state = StepState(model_file.loss_fn or cross_entropy_last_dim, make_optimizers(step), on_nan=ON_NAN)
+    optimizers = make_optimizers(step)
+    state = StepState(
+        model_file.loss_fn or cross_entropy_last_dim,
+        optimizers,
+        on_nan=ON_NAN,
+        schedulers=make_schedulers(optimizers, SCHEDULE),
+        scalers=make_scalers(optimizers, AUTOCAST),
+    )
     if model_file.has_dataset:
         train, _ = model_file.dataset()
     else:

@@ -41,7 +41,7 @@ from torch import nn
 
 from localize.errors import ConfigError
 
-__all__ = ["ModelFile", "load_model_file", "localize_file", "split_spec"]
+__all__ = ["ModelFile", "load_model_file", "localize_file", "split_spec", "training_options"]
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -237,6 +237,9 @@ def localize_file(
     optimizer: str = "adamw",
     lr: float | None = None,
     seed: int = 0,
+    accumulate: int = 1,
+    autocast: str | None = None,
+    scheduler: Callable[[Any], Any] | None = None,
 ) -> tuple[Any, tuple[torch.Tensor, ...]]:
     """The compile step of the CLI and the distributed launcher: seed, build the model, transform it.
 
@@ -259,5 +262,40 @@ def localize_file(
         cuts=cuts,
         max_frontier=max_frontier,
         clip_grad_norm=clip_grad_norm,
+        accumulate=accumulate,
+        autocast=autocast,
+        scheduler=scheduler,
     )
     return lm, example
+
+
+def training_options(args: Any, mf: ModelFile, train: Any = None) -> dict[str, Any]:
+    """``transform``'s training-loop options from the command line's ``--clip``, ``--accumulate``,
+    ``--amp``, ``--schedule`` and ``--warmup`` (the CLI and the distributed launcher share them).
+
+    A schedule runs over every update of the run: ``--epochs`` times the training batches, divided
+    by ``--accumulate``; ``train`` is the training split when the caller has it (else it is read).
+    """
+    from localize.data import RANDOM_TRAIN, num_batches
+    from localize.runtime.schedulers import lr_schedule
+
+    accumulate = getattr(args, "accumulate", 1) or 1
+    kind, warmup = getattr(args, "schedule", "none") or "none", getattr(args, "warmup", 0) or 0
+    scheduler = None
+    if kind != "none" or warmup:
+        if train is None:
+            train = mf.dataset()[0] if mf.has_dataset else None
+        batches = num_batches(train, args.batch_size) if train is not None else max(1, RANDOM_TRAIN // args.batch_size)
+        if batches is None:
+            raise ConfigError(
+                f"--schedule {kind}: the training data has no length, so the number of updates is unknown; "
+                f"give dataset() tensors or a sized DataLoader"
+            )
+        updates = -(-args.epochs * batches // accumulate)
+        scheduler = lr_schedule(kind, updates, warmup)
+    return {
+        "clip_grad_norm": getattr(args, "clip", None),
+        "accumulate": accumulate,
+        "autocast": getattr(args, "amp", None),
+        "scheduler": scheduler,
+    }

@@ -29,7 +29,8 @@ from localize.passes.insert_gradient_cuts import insert_gradient_cuts, source_of
 from localize.passes.resolve_named_cuts import resolve_named_cuts
 from localize.passes.verify_isolation import verify_isolation
 from localize.runtime.loss import LossFn, cross_entropy_last_dim
-from localize.runtime.model import LocalModel, OptimizerFactory
+from localize.runtime.model import LocalModel, OptimizerFactory, SchedulerFactory
+from localize.runtime.ops import AUTOCAST_DTYPES
 
 __all__ = ["transform"]
 
@@ -51,6 +52,9 @@ def transform(
     max_frontier: int = 1,
     on_nan: str = "raise",
     clip_grad_norm: float | None = None,
+    accumulate: int = 1,
+    autocast: str | None = None,
+    scheduler: SchedulerFactory | None = None,
 ) -> LocalModel:
     """Turn ``model`` into a :class:`LocalModel` of ``blocks`` gradient-isolated blocks.
 
@@ -75,6 +79,14 @@ def transform(
         on_nan: ``"raise"`` or ``"skip"`` when a local loss is not finite.
         clip_grad_norm: clip each block's gradient norm (its parameters and its head's) to this
             value before the block's update; default no clipping.
+        accumulate: N: every ``train_step`` adds each block's local gradient (of the loss / N), and
+            the blocks update on every N-th call; default 1 (every call).
+        autocast: ``"bf16"`` or ``"fp16"``: blocks, heads and losses run under ``torch.autocast``
+            while weights and optimizer state stay in their dtype (fp32); fp16 adds one
+            ``torch.amp.GradScaler`` per block. Default None (no autocast).
+        scheduler: a factory ``optimizer -> torch.optim.lr_scheduler.LRScheduler``, called once per
+            block and stepped after each of the block's updates; e.g.
+            ``localize.runtime.schedulers.lr_schedule("cosine", total=1000, warmup=50)``.
 
     Example:
         >>> import torch, localize
@@ -94,6 +106,7 @@ def transform(
         isinstance(clip_grad_norm, bool) or not isinstance(clip_grad_norm, (int, float)) or not clip_grad_norm > 0
     ):
         raise ConfigError(f"clip_grad_norm must be a number > 0 (or None), got {clip_grad_norm!r}")
+    _check_training(accumulate, autocast, scheduler)
     _check_options(example_kwargs, aux_options, loss_fn, lr)
     opt_factory = _optimizer_factory(optimizer, lr)
     example_inputs = _as_tuple(example_inputs)
@@ -172,6 +185,9 @@ def transform(
         loss_fn=loss_fn or cross_entropy_last_dim,
         on_nan=on_nan,
         clip_grad_norm=clip_grad_norm,
+        accumulate=accumulate,
+        autocast=autocast,
+        scheduler=scheduler,
         flags=flags,
         complete=_complete_lazy_plan,
     )
@@ -194,6 +210,18 @@ def _check_args(model, blocks, aux, balance, max_frontier, on_nan, cuts) -> None
         raise ConfigError(f"on_nan={on_nan!r}; choose 'raise' or 'skip'")
     if cuts is not None and (isinstance(cuts, str) or not all(isinstance(c, str) for c in cuts)):
         raise ConfigError(f"cuts must be a list of module names, e.g. ['layer2', 'layer3'], got {cuts!r}")
+
+
+def _check_training(accumulate, autocast, scheduler) -> None:
+    if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+        raise ConfigError(f"accumulate must be an int >= 1 (1 updates on every step), got {accumulate!r}")
+    if autocast is not None and autocast not in AUTOCAST_DTYPES:
+        raise ConfigError(f"autocast={autocast!r}; choose 'bf16', 'fp16' or None")
+    if scheduler is not None and not callable(scheduler):
+        raise ConfigError(
+            "scheduler must be a factory optimizer -> LRScheduler, e.g. "
+            f"lambda opt: torch.optim.lr_scheduler.StepLR(opt, 100), got {type(scheduler).__name__}"
+        )
 
 
 def _check_options(example_kwargs, aux_options, loss_fn, lr) -> None:

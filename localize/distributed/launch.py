@@ -94,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--optimizer", default="adamw")
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--clip", type=float, default=None, help="clip each block's gradient norm to this")
+    parser.add_argument("--accumulate", type=int, default=1, help="update every N-th microbatch")
+    parser.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="autocast blocks and heads")
+    parser.add_argument("--schedule", choices=["cosine", "step", "none"], default="none")
+    parser.add_argument("--warmup", type=int, default=0, help="updates of linear learning-rate warmup")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--shuffle", action="store_true")
@@ -159,7 +163,7 @@ def run_cli(args: argparse.Namespace) -> int:
             balance=getattr(args, "balance", "flops"),
             cuts=cuts,
             max_frontier=getattr(args, "max_frontier", 1),
-            clip_grad_norm=getattr(args, "clip", None),
+            training=args,
         )
         if len(lm.blocks) != blocks:
             raise ConfigError(
@@ -275,18 +279,25 @@ def load_local_model(
     balance: str = "flops",
     cuts: list[str] | None = None,
     max_frontier: int = 1,
-    clip_grad_norm: float | None = None,
+    training: Any = None,
+    **options: Any,
 ) -> tuple[LocalModel, Any]:
     """The LocalModel the launcher builds on every rank from ``MODEL.py[:factory]``, and the model file.
 
     Seeded before the model is built, so every rank (and an in-process reference) gets the same one.
+    ``training`` is the parsed command line whose ``--clip``/``--accumulate``/``--amp``/``--schedule``
+    apply (:func:`localize.compiler.model_file.training_options`); ``options`` are such ``transform``
+    options given directly (``clip_grad_norm=``, ``accumulate=``, ``autocast=``, ``scheduler=``).
     """
     from localize.compiler.model_file import (
         load_model_file,
         localize_file,  # the CLI's compile step: same RNG draws
+        training_options,
     )
 
     mf = load_model_file(spec)
+    if training is not None:
+        options = training_options(training, mf) | options
     lm, _ = localize_file(
         mf,
         blocks=blocks,
@@ -294,10 +305,10 @@ def load_local_model(
         balance=balance,
         cuts=cuts,
         max_frontier=max_frontier,
-        clip_grad_norm=clip_grad_norm,
         optimizer=optimizer,
         lr=lr,
         seed=seed,
+        **options,
     )
     return lm, mf
 
@@ -310,7 +321,7 @@ def _build_from_file(args: argparse.Namespace) -> tuple[LocalModel, Any]:
         optimizer=args.optimizer,
         lr=args.lr,
         seed=args.seed,
-        clip_grad_norm=args.clip,
+        training=args,
     )
     if int(os.environ.get("RANK", "0")) % args.blocks != 0:
         return lm, None  # only stage 0 reads the data

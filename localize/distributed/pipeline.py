@@ -53,7 +53,7 @@ from localize.distributed.stages import Layout, StageProgram, split_step
 from localize.distributed.wire import Link, Op, PeerError, one_line
 from localize.errors import ConfigError
 from localize.runtime import ops
-from localize.runtime.model import LocalModel, _make_optimizer
+from localize.runtime.model import LocalModel
 
 __all__ = ["DistributedResult", "Pipeline"]
 
@@ -121,10 +121,7 @@ class Pipeline:
             self.block.module.to(self.device)
             if self.block.aux is not None:
                 self.block.aux.to(self.device)
-        if self.block.optimizer is None and self.block.trainable:
-            self.block.optimizer = _make_optimizer(
-                lm._optimizer_factory, self.block
-            )  # only this rank's block
+        lm._ensure_optimizers([self.block])  # only this rank's block: optimizer, scheduler, scaler
         self.entries = _block_entries(lm, self.stage)  # what this block may change, for checkpoints
         self.prev = self._link(self.rank - 1, depth) if self.stage > 0 else None
         self.next = self._link(self.rank + 1, depth) if self.stage < self.layout.stages - 1 else None
@@ -222,8 +219,12 @@ class Pipeline:
         """This stage's slice of the generated step on one microbatch."""
         state = self.state
         state.step, state.optimizers = self.lm.step_count, [b.optimizer for b in self.lm.blocks]
+        state.schedulers = [b.scheduler for b in self.lm.blocks]
+        state.scalers = [b.scaler for b in self.lm.blocks]
+        ops.begin_step(state, args)
         with torch.enable_grad():
             value = self.program.program(state, *args)
+        ops.end_step(state)
         self.lm.step_count += 1
         return value
 

@@ -144,8 +144,12 @@ _BLOCK_OPS = {
     ops.head_loss,
     ops.backward,
     ops.check_loss,
+    ops.clip_gradients,
     ops.optimizer_step,
+    ops.scheduler_step,
     ops.after_update,
+    ops.autocast_enter,
+    ops.autocast_exit,
 }
 
 

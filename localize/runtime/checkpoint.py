@@ -1,7 +1,8 @@
 """Checkpoints that resume exactly: ``lm.save(path)`` and ``localize.load(path, into=lm)``.
 
 A checkpoint holds the model's and the aux heads' state (EMA copies included: they are buffers
-of their heads), every block's optimizer state, the RNG states (torch CPU and CUDA, Python,
+of their heads), every block's optimizer, learning-rate scheduler and ``GradScaler`` state, the
+gradients of an unfinished accumulation cycle, the RNG states (torch CPU and CUDA, Python,
 NumPy), the step count, the caller's data position and a *fingerprint* of the plan. It is written
 atomically: a temporary file in the same folder, flushed and fsync'ed, then renamed over the
 target, so an interrupted write leaves the previous checkpoint intact. It holds tensors and plain
@@ -60,6 +61,10 @@ class Checkpoint:
     step: int
     data: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
+    schedulers: list[dict[str, Any] | None] = field(default_factory=list)
+    scalers: list[dict[str, Any] | None] = field(default_factory=list)
+    pending: int = 0  # train_step calls since the last update (accumulate > 1)
+    grads: list[list[torch.Tensor | None] | None] = field(default_factory=list)  # their gradients
 
 
 def fingerprint(lm: LocalModel) -> dict[str, Any]:
@@ -145,6 +150,11 @@ def save(lm: LocalModel, path: str | os.PathLike, *, data: dict[str, Any] | None
         "rng": _rng_state(),
         "step": lm.step_count,
         "data": dict(data or {}),
+        "schedulers": [_state_of(b.scheduler) for b in lm.blocks],
+        "scalers": [_state_of(b.scaler) for b in lm.blocks],
+        "pending": lm.pending,
+        # mid-cycle, the gradients added so far are training state too
+        "grads": [_grads_of(b.optimizer) if lm.pending else None for b in lm.blocks],
     }
     buffer = io.BytesIO()
     torch.save(state, buffer)  # serialise fully before touching the target file
@@ -176,6 +186,10 @@ def load(path: str | os.PathLike, into: LocalModel | None = None) -> Checkpoint:
         step=raw["step"],
         data=raw["data"],
         versions=raw.get("versions", {}),
+        schedulers=raw.get("schedulers", []),
+        scalers=raw.get("scalers", []),
+        pending=raw.get("pending", 0),
+        grads=raw.get("grads", []),
     )
     if into is not None:
         restore(into, ckpt)
@@ -201,6 +215,16 @@ def _read(path: str) -> Any:
         ) from None
     except Exception as e:  # noqa: BLE001 - any unreadable file
         raise CheckpointError(f"{path!r} is not a readable localize checkpoint ({e})") from None
+
+
+def _state_of(thing: Any) -> dict[str, Any] | None:
+    return thing.state_dict() if thing is not None else None
+
+
+def _grads_of(optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor | None] | None:
+    if optimizer is None:
+        return None
+    return [p.grad for g in optimizer.param_groups for p in g["params"]]
 
 
 def _format1_types() -> list[Any]:
@@ -252,5 +276,17 @@ def restore(lm: LocalModel, ckpt: Checkpoint) -> None:
     for block, state in zip(lm.blocks, ckpt.optimizers):
         if state is not None and block.optimizer is not None:
             block.optimizer.load_state_dict(state)
+    for block, state in zip(lm.blocks, ckpt.schedulers):
+        if state is not None and block.scheduler is not None:
+            block.scheduler.load_state_dict(state)
+    for block, state in zip(lm.blocks, ckpt.scalers):
+        if state is not None and block.scaler is not None:
+            block.scaler.load_state_dict(state)
+    for block, grads in zip(lm.blocks, ckpt.grads):
+        if grads is not None and block.optimizer is not None:
+            params = [p for g in block.optimizer.param_groups for p in g["params"]]
+            for p, g in zip(params, grads):
+                p.grad = None if g is None else g.to(p.device)
     lm.step_count = ckpt.step
+    lm._state.pending = ckpt.pending
     _set_rng_state(ckpt.rng)

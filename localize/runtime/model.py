@@ -22,12 +22,22 @@ from localize.passes.cost import params_of
 from localize.passes.find_cut_points import compute_nodes
 from localize.runtime import checkpoint
 from localize.runtime.loss import LossFn
-from localize.runtime.ops import LossContext, NonFiniteLossError, StepState, head_loss, local_loss, run_step
+from localize.runtime.ops import (
+    LossContext,
+    NonFiniteLossError,
+    StepState,
+    head_loss,
+    local_loss,
+    make_scalers,
+    make_schedulers,
+    run_step,
+)
 from localize.runtime.schedule import Schedule
 
 __all__ = ["Block", "LocalModel", "LossContext", "NonFiniteLossError"]  # the last two from runtime.ops
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
 
 @dataclass
@@ -40,6 +50,8 @@ class Block:
     plan: BlockPlan
     params: list[nn.Parameter]  # model parameters this block owns and updates
     optimizer: torch.optim.Optimizer | None = None
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None  # with transform(scheduler=...)
+    scaler: torch.amp.GradScaler | None = None  # with transform(autocast="fp16")
 
     @property
     def trainable(self) -> list[nn.Parameter]:
@@ -77,6 +89,9 @@ class LocalModel(nn.Module):
         loss_fn: LossFn,
         on_nan: str = "raise",
         clip_grad_norm: float | None = None,
+        accumulate: int = 1,
+        autocast: str | None = None,
+        scheduler: SchedulerFactory | None = None,
         flags: list[nn.Module] | None = None,
         complete: Callable[[LocalModel, list[Any]], None] | None = None,
     ) -> None:
@@ -87,8 +102,11 @@ class LocalModel(nn.Module):
         self.loss_fn = loss_fn
         self.on_nan = on_nan
         self.clip_grad_norm = clip_grad_norm
+        self.accumulate = accumulate
+        self.autocast = autocast
         self.step_count = 0
         self._optimizer_factory = optimizer
+        self._scheduler_factory = scheduler
         self._complete = complete
         # unregistered: they reference the model's own modules and tensors
         self.__dict__["_program"] = plan.program
@@ -154,7 +172,14 @@ class LocalModel(nn.Module):
         if key not in self._steps:
             heads = [b.aux for b in self.blocks]
             self._steps[key] = build_step_graph(
-                self._program, heads, self._loss_slots, schedule, clip_grad_norm=self.clip_grad_norm
+                self._program,
+                heads,
+                self._loss_slots,
+                schedule,
+                clip_grad_norm=self.clip_grad_norm,
+                accumulate=self.accumulate,
+                autocast=self.autocast,
+                scheduler=self._scheduler_factory is not None,
             )
         return self._steps[key]
 
@@ -170,10 +195,42 @@ class LocalModel(nn.Module):
                 raise LocalizeError("this LocalModel has no shapes and no way to infer them")
             self._complete(self, flat)
 
-    def _ensure_optimizers(self) -> None:
-        for block in self.blocks:
+    def _ensure_optimizers(self, blocks: list[Block] | None = None) -> None:
+        """Each block's optimizer, then its scheduler and ``GradScaler`` (those asked for)."""
+        for block in blocks if blocks is not None else self.blocks:
             if block.optimizer is None and block.trainable:
                 block.optimizer = _make_optimizer(self._optimizer_factory, block)
+                (block.scheduler,) = make_schedulers([block.optimizer], self._scheduler_factory)
+                (block.scaler,) = make_scalers([block.optimizer], self.autocast)
+
+    def _ready_blocks(self, what: str) -> list[Block]:
+        if not self.plan.annotated:
+            raise LocalizeError(
+                f"lm.{what} are made once shapes are known: pass example_inputs to transform, or run one "
+                f"train_step first"
+            )
+        self._ensure_optimizers()
+        return self.blocks
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer | None]:
+        """One optimizer per block (None for a block with nothing to train), e.g. for a trainer."""
+        return [b.optimizer for b in self._ready_blocks("optimizers")]
+
+    @property
+    def schedulers(self) -> list[torch.optim.lr_scheduler.LRScheduler | None]:
+        """One learning-rate scheduler per block (all None without ``transform(scheduler=...)``)."""
+        return [b.scheduler for b in self._ready_blocks("schedulers")]
+
+    @property
+    def scalers(self) -> list[torch.amp.GradScaler | None]:
+        """One ``GradScaler`` per block with ``autocast="fp16"`` (else all None)."""
+        return [b.scaler for b in self._ready_blocks("scalers")]
+
+    @property
+    def pending(self) -> int:
+        """Calls of ``train_step`` since the last update (``0 <= pending < accumulate``)."""
+        return self._state.pending
 
     def save(self, path: str, *, data: dict[str, Any] | None = None) -> None:
         """Checkpoint model, heads, optimizer and RNG states, the step and ``data`` (e.g. the
@@ -242,13 +299,25 @@ class LocalModel(nn.Module):
             f"inputs must be a tensor, a tuple of tensors or a dict of keyword tensors, got {type(inputs).__name__}"
         )
 
-    def train_step(self, inputs: Any, target: torch.Tensor, schedule: Schedule | None = None) -> list[float]:
+    def train_step(
+        self,
+        inputs: Any,
+        target: torch.Tensor,
+        schedule: Schedule | None = None,
+        *,
+        optimizers: list[Any] | None = None,
+        update: bool | None = None,
+    ) -> list[float]:
         """One local-learning step over all blocks; returns the K local losses.
 
         Runs the generated step (:attr:`step_program`): each block runs forward from detached
         inputs, computes its loss (its aux head, or the model's output for the last block),
         backpropagates inside itself, steps its optimizer and frees its graph before the next
         block runs. ``inputs`` is a tensor, a tuple of tensors or a dict of keyword tensors.
+        With ``accumulate=N`` the blocks update on every N-th call (:attr:`pending` counts the calls
+        in between); ``update=True``/``False`` overrides that for this call (for a trainer that decides
+        its own accumulation boundaries). ``optimizers`` stands in for :attr:`optimizers` in this call,
+        in the same order: e.g. a trainer's wrappers around them, so that the trainer counts the steps.
         """
         flat = self._flat_inputs(inputs)
         self._check_devices(flat)
@@ -257,7 +326,12 @@ class LocalModel(nn.Module):
         step = self._step_for(schedule if schedule is not None and schedule != self.schedule else None)
         state = self._state
         state.loss_fn, state.on_nan, state.step = self.loss_fn, self.on_nan, self.step_count
-        state.optimizers = [b.optimizer for b in self.blocks]
+        state.optimizers = [b.optimizer for b in self.blocks] if optimizers is None else list(optimizers)
+        if len(state.optimizers) != len(self.blocks):
+            raise ConfigError(f"optimizers= has {len(state.optimizers)} entries; this model has {len(self.blocks)} blocks")
+        state.schedulers = [b.scheduler for b in self.blocks]
+        state.scalers = [b.scaler for b in self.blocks]
+        state.update = update
         with _explain_failure(self, flat, blocks=self.blocks):
             losses = run_step(step, state, flat, target)
         self.step_count += 1

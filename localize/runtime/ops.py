@@ -11,7 +11,16 @@ runs the code fx writes for that graph, so each op below exists once:
 * :func:`clip_gradients`: with ``clip_grad_norm=c``, the norm of the block's gradient (its
   parameters and its head's) is clipped to ``c`` before its update;
 * :func:`optimizer_step` and :func:`after_update`: the block's update, then its head's hook (e.g.
-  MAN's EMA), both skipped for a non-finite loss.
+  MAN's EMA), both skipped for a non-finite loss;
+* :func:`scheduler_step`: with ``scheduler=``, the block's learning-rate scheduler after its update;
+* :func:`autocast_enter` / :func:`autocast_exit`: with ``autocast="bf16"|"fp16"``, a block's forward
+  and its loss run under ``torch.autocast`` (backward and the update do not).
+
+With ``accumulate=N`` the ops that touch gradients take ``accumulate=N``: :func:`backward` scales the
+loss by 1/N and zeroes the gradients only at the first call of a cycle, and the update ops act only at
+its N-th call (:func:`update_due`). A cycle's position is ``state.pending`` (calls since the last
+update), which :func:`run_step` advances. With fp16 a block's ``GradScaler`` (``state.scalers``)
+scales its loss, unscales before clipping and steps its optimizer.
 
 Each op takes the :class:`StepState` first and returns the loss value it was given, so the data
 flow of one block reads ``loss -> backward -> check_loss -> optimizer_step -> after_update``.
@@ -36,22 +45,33 @@ from typing import Any
 import torch
 from torch import nn
 
-from localize.errors import LocalizeError, TargetError
+from localize.errors import ConfigError, LocalizeError, TargetError
 from localize.runtime.loss import LossFn
 
 __all__ = [
     "LossContext",
     "NonFiniteLossError",
     "StepState",
+    "AUTOCAST_DTYPES",
     "after_update",
+    "autocast_enter",
+    "autocast_exit",
     "backward",
+    "begin_step",
     "check_loss",
     "clip_gradients",
+    "end_step",
     "head_loss",
     "local_loss",
+    "make_scalers",
+    "make_schedulers",
     "optimizer_step",
     "run_step",
+    "scheduler_step",
+    "update_due",
 ]
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(LocalizeError):
@@ -74,6 +94,10 @@ class StepState:
 
     ``step`` counts finished steps (for messages); ``where`` names the process in messages
     (``" (rank 3)"``); ``comm`` is the distributed runtime's link to its peers (None in one process).
+    ``schedulers`` and ``scalers`` hold one learning-rate scheduler and one ``GradScaler`` per block
+    (None where unused). ``pending`` counts the calls since the last update (gradient accumulation);
+    ``update`` forces (True) or holds back (False) the update of this call, e.g. for a trainer that
+    decides its own accumulation boundaries; None follows ``accumulate``.
     """
 
     loss_fn: LossFn | None
@@ -83,17 +107,96 @@ class StepState:
     where: str = ""
     comm: Any = None
     skipped: list[int] = field(default_factory=list)  # blocks whose update the last step skipped
+    schedulers: list[Any] = field(default_factory=list)
+    scalers: list[Any] = field(default_factory=list)
+    pending: int = 0
+    update: bool | None = None
+    device_type: str = "cpu"  # where autocast runs: the inputs' device
+    boundary: bool = False  # whether this call ended an accumulation cycle
 
 
 def run_step(
     step: Callable[..., tuple[float, ...]], state: StepState, inputs: list[Any], target: Any
 ) -> list[float]:
     """Run one generated step (``LocalModel.train_step`` and ``program.py`` both call this)."""
-    state.skipped = []
+    begin_step(state, inputs)
     with torch.enable_grad():
         values = step(state, *inputs, target)
-    state.step += 1
+    end_step(state)
     return list(values)
+
+
+def begin_step(state: StepState, inputs: list[Any]) -> None:
+    """Reset the per-call facts (the distributed runtime calls this and :func:`end_step` itself)."""
+    state.skipped, state.boundary = [], False
+    state.device_type = next(
+        (v.device.type for v in inputs if isinstance(v, torch.Tensor) and v.dim() > 0), state.device_type
+    )
+
+
+def end_step(state: StepState) -> None:
+    """Count the call, and where an accumulation cycle ended, start the next one."""
+    state.step += 1
+    state.pending = 0 if state.boundary else state.pending + 1
+
+
+def update_due(state: StepState, accumulate: int) -> bool:
+    """Whether this call updates: its ``accumulate``-th since the last update (or ``state.update``)."""
+    due = state.update if state.update is not None else state.pending + 1 >= accumulate
+    state.boundary = state.boundary or due
+    return due
+
+
+def make_schedulers(
+    optimizers: list[torch.optim.Optimizer | None], factory: Callable[[Any], Any] | None
+) -> list[Any]:
+    """One scheduler per block from ``factory(optimizer)``; None where a block has no optimizer."""
+    if factory is None:
+        return [None] * len(optimizers)
+    out = []
+    for block, optimizer in enumerate(optimizers):
+        if optimizer is None:
+            out.append(None)
+            continue
+        try:
+            scheduler = factory(optimizer)
+        except LocalizeError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the user's factory; report it as theirs
+            raise ConfigError(f"the scheduler factory failed for block {block}: {type(e).__name__}: {e}") from e
+        if not isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler) or isinstance(
+            scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau
+        ):
+            raise ConfigError(
+                "the scheduler factory must return a torch.optim.lr_scheduler.LRScheduler stepped without a "
+                f"metric, got {type(scheduler).__name__}; e.g. "
+                "scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=1000)"
+            )
+        out.append(scheduler)
+    return out
+
+
+def make_scalers(optimizers: list[torch.optim.Optimizer | None], autocast: str | None) -> list[Any]:
+    """One ``torch.amp.GradScaler`` per block for ``autocast="fp16"`` (on its parameters' device)."""
+    if autocast != "fp16":
+        return [None] * len(optimizers)
+    out = []
+    for optimizer in optimizers:
+        params = [p for g in optimizer.param_groups for p in g["params"]] if optimizer is not None else []
+        out.append(torch.amp.GradScaler(params[0].device.type) if params else None)
+    return out
+
+
+def autocast_enter(state: StepState, block: int, dtype: str) -> Any:
+    """Enter ``torch.autocast`` in ``dtype`` (``"bf16"``/``"fp16"``) on the inputs' device."""
+    mode = torch.autocast(state.device_type, dtype=AUTOCAST_DTYPES[dtype])
+    mode.__enter__()
+    return mode
+
+
+def autocast_exit(state: StepState, block: int, mode: Any) -> None:
+    """Leave the autocast region :func:`autocast_enter` opened."""
+    mode.__exit__(None, None, None)
 
 
 def local_loss(state: StepState, block: int, pred: Any, target: Any) -> torch.Tensor:
@@ -125,18 +228,23 @@ def head_loss(
     )
 
 
-def backward(state: StepState, block: int, loss: torch.Tensor) -> float:
-    """Backpropagate ``loss`` inside the block (gradients zeroed first); returns its value.
+def backward(state: StepState, block: int, loss: torch.Tensor, accumulate: int = 1) -> float:
+    """Backpropagate ``loss`` inside the block; returns its value.
 
-    A non-finite loss is not backpropagated: :func:`check_loss` decides what happens next.
+    The gradients are zeroed first at the start of an accumulation cycle; with ``accumulate=N`` the
+    loss is scaled by 1/N, so N calls on micro-batches add up to the mean over their union. A
+    non-finite loss is not backpropagated: :func:`check_loss` decides what happens next.
     """
     value = float(loss.detach())
     if math.isfinite(value):
         optimizer = state.optimizers[block]
-        if optimizer is not None:
+        if optimizer is not None and state.pending == 0:
             optimizer.zero_grad(set_to_none=True)
         if loss.requires_grad:
-            loss.backward()
+            if accumulate != 1:
+                loss = loss / accumulate
+            scaler = state.scalers[block] if state.scalers else None
+            (scaler.scale(loss) if scaler is not None else loss).backward()
     return value
 
 
@@ -152,27 +260,53 @@ def check_loss(state: StepState, block: int, value: float) -> float:
     return value
 
 
-def clip_gradients(state: StepState, block: int, value: float, max_norm: float) -> float:
-    """Clip the norm of the gradient the block's optimizer will apply to ``max_norm``
-    (``torch.nn.utils.clip_grad_norm_`` over its parameters and its head's); skipped for a non-finite loss."""
+def _updating(state: StepState, block: int, value: float, accumulate: int) -> torch.optim.Optimizer | None:
+    """The block's optimizer if this call updates it (due, and the loss finite), else None."""
+    due = update_due(state, accumulate)
     optimizer = state.optimizers[block]
-    if optimizer is not None and math.isfinite(value):
+    return optimizer if due and optimizer is not None and math.isfinite(value) else None
+
+
+def clip_gradients(state: StepState, block: int, value: float, max_norm: float, accumulate: int = 1) -> float:
+    """Clip the norm of the gradient the block's optimizer will apply to ``max_norm``
+    (``torch.nn.utils.clip_grad_norm_`` over its parameters and its head's); skipped for a non-finite
+    loss and between updates. With a ``GradScaler`` the gradient is unscaled first."""
+    optimizer = _updating(state, block, value, accumulate)
+    if optimizer is not None:
+        scaler = state.scalers[block] if state.scalers else None
+        if scaler is not None:
+            scaler.unscale_(optimizer)
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if params:
             torch.nn.utils.clip_grad_norm_(params, max_norm)
     return value
 
 
-def optimizer_step(state: StepState, block: int, value: float) -> float:
-    """Step the block's optimizer, unless its loss was not finite."""
-    optimizer = state.optimizers[block]
-    if optimizer is not None and math.isfinite(value):
-        optimizer.step()
+def optimizer_step(state: StepState, block: int, value: float, accumulate: int = 1) -> float:
+    """Step the block's optimizer (through its ``GradScaler`` with fp16), unless its loss was not
+    finite or the accumulation cycle has not ended."""
+    optimizer = _updating(state, block, value, accumulate)
+    if optimizer is not None:
+        scaler = state.scalers[block] if state.scalers else None
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
     return value
 
 
-def after_update(state: StepState, block: int, head: nn.Module, value: float) -> float:
+def scheduler_step(state: StepState, block: int, value: float, accumulate: int = 1) -> float:
+    """Step the block's learning-rate scheduler after each of its optimizer's updates."""
+    if _updating(state, block, value, accumulate) is not None:
+        scheduler = state.schedulers[block] if state.schedulers else None
+        if scheduler is not None:
+            scheduler.step()
+    return value
+
+
+def after_update(state: StepState, block: int, head: nn.Module, value: float, accumulate: int = 1) -> float:
     """The head's ``after_update()`` once its block has stepped (e.g. an EMA following a layer)."""
-    if state.optimizers[block] is not None and math.isfinite(value):
+    if _updating(state, block, value, accumulate) is not None:
         head.after_update()
     return value
