@@ -230,3 +230,41 @@ def test_transformers_trainer_resumes_from_its_checkpoint(tmp_path):
     for k, v in whole.lm.state_dict().items():  # model and aux heads
         torch.testing.assert_close(resumed.lm.state_dict()[k], v, rtol=1e-6, atol=1e-7, msg=k)
     assert resumed.lm.step_count == whole.lm.step_count == 12
+
+
+# ----------------------------------------------------------------------------------------- docs and examples
+
+
+def test_integration_doctests():
+    import doctest
+
+    import localize.integrations.hf
+    import localize.integrations.lightning
+
+    for module in (localize.integrations.lightning, localize.integrations.hf):
+        result = _quiet(doctest.testmod, module)
+        assert result.failed == 0 and result.attempted > 0, module.__name__
+
+
+def _example(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "integrations" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_lightning_example_learns_the_digits(tmp_path):
+    metrics = _quiet(_example("lightning_digits").main, ["--epochs", "2", "--out", str(tmp_path)])
+    assert metrics["val_acc"] > 0.5  # 10 classes: chance is 0.1
+
+
+def test_the_transformers_example_trains_and_saves_a_plain_gpt2(tmp_path):
+    import transformers
+
+    metrics = _quiet(_example("hf_gpt2_text").main, ["--steps", "12", "--out", str(tmp_path)])
+    assert metrics["eval_loss"] < 4.85  # below the uniform guess over 128 characters, ln 128
+    assert isinstance(transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "model")), torch.nn.Module)

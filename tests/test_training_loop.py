@@ -237,3 +237,14 @@ def test_lm_optimizers_need_shapes_first():
         lm.optimizers  # noqa: B018
     lm.train_step(torch.randn(4, 6), torch.randint(0, 4, (4,)))
     assert all(isinstance(o, torch.optim.Optimizer) for o in lm.optimizers)
+
+
+def test_runtime_doctests():
+    import doctest
+
+    import localize.runtime.ops
+    import localize.runtime.schedulers
+
+    for module in (localize.runtime.ops, localize.runtime.schedulers):
+        result = doctest.testmod(module)
+        assert result.failed == 0 and result.attempted > 0, module.__name__
