@@ -100,3 +100,20 @@ def test_a_training_step_on_cuda_matches_the_torch_path():
         runs.append((losses, [p.detach().clone() for p in lm.parameters()]))
     for a, b in zip(runs[0][1], runs[1][1]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_autocast_on_cuda_trains_with_fp32_master_weights(dtype):
+    """autocast on the inputs' device (cuda); fp16 scales each block with a GradScaler on cuda."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
+                              torch.nn.Linear(64, 4)).to(CUDA)
+    x, y = torch.randn(32, 16, device=CUDA), torch.randint(0, 4, (32,), device=CUDA)
+    lm = localize.transform(net, blocks=2, example_inputs=(x,), autocast=dtype)
+    first = lm.train_step(x, y)
+    for _ in range(20):
+        last = lm.train_step(x, y)
+    assert last[-1] < first[-1]
+    assert all(p.dtype == torch.float32 and p.is_cuda for p in lm.parameters())
+    if dtype == "fp16":
+        assert all(s is not None and s._device == "cuda" for s in lm.scalers)
