@@ -20,11 +20,14 @@ if TYPE_CHECKING:
     from localize.compiler.tracer import Traced, trace
     from localize.compiler.transform import transform
     from localize.runtime.checkpoint import Checkpoint, load
+    from localize.runtime.diagnose import Diagnosis, diagnose
     from localize.runtime.model import Block, LocalModel
 
 _LAZY = {
     "Block": "localize.runtime.model",
     "Checkpoint": "localize.runtime.checkpoint",
+    "Diagnosis": "localize.runtime.diagnose",
+    "diagnose": "localize.runtime.diagnose",
     "LocalModel": "localize.runtime.model",
     "Traced": "localize.compiler.tracer",
     "load": "localize.runtime.checkpoint",
@@ -35,6 +38,7 @@ _LAZY = {
 __all__ = [
     "Block",
     "Checkpoint",
+    "Diagnosis",
     "LocalModel",
     "LocalizeError",
     "Traced",
@@ -42,6 +46,7 @@ __all__ = [
     "trace",
     "transform",
     "__version__",
+    "diagnose",
 ]
 
 

@@ -130,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="training device")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order")
     p.add_argument("--compare-bp", action="store_true", help="with --train: also train with plain backprop")
+    p.add_argument(
+        "--diagnose", action="store_true",
+        help="per block on 256 training samples (after --train): gradient cosine with backprop, local vs final "
+        "loss, linear-probe accuracy",
+    )
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export (faster)")
     p.add_argument(
         "--distributed", action="store_true",
@@ -198,7 +203,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         raise ConfigError(f"--resume {args.resume}: no such file; pass a checkpoint written by --checkpoint-every")
 
     mf = load_model_file(args.model)
-    data = mf.dataset() if args.train else None  # read once: the schedule counts its batches
+    data = mf.dataset() if args.train or args.diagnose else None  # read once: the schedule counts its batches
     checkpoint_path = out.with_name(out.name + ".checkpoint.pt")
     with artifacts.atomic_directory(out) as tmp:
         with torch_output_to(out.with_name(out.name + ".trace.log")):  # torch.export's dumps, on failure
@@ -252,8 +257,12 @@ def _run(args: argparse.Namespace, console: Console) -> int:
             console.print(f"[yellow]warning:[/yellow] {line}")
         for line in doc["skipped"]:
             console.print(f"skipped: {line}", markup=False)
+        if args.train or args.diagnose:
+            data = _data(args, lm, mf, data, console)
         if args.train:
             _train(args, lm, mf, data, backprop_model, device, tmp, console, checkpoint_path)
+        if args.diagnose:
+            _diagnose(lm, data, device, console)
     files = sorted(p.name for p in out.iterdir())
     console.print(f"wrote {out}/: {', '.join(files)}")
     if args.checkpoint_every and checkpoint_path.exists():
@@ -310,19 +319,35 @@ def _checkpointing(args, lm: LocalModel, path: Path, console: Console):
     return checkpointing, save
 
 
+def _data(args, lm: LocalModel, mf: ModelFile, data, console: Console):
+    """The model file's ``dataset()``, else random data shaped like its example inputs."""
+    if data is not None:
+        return data
+    inputs = [
+        (n, tuple(x.shape[1:]), str(x.dtype).replace("torch.", ""), None if x.is_floating_point() else int(x.max()) + 1)
+        for n, x in zip(lm.plan.traced.input_names, mf.example_inputs())
+    ]
+    console.print(f"{mf.path.name} has no dataset(): using random data shaped like example_inputs()")
+    return random_dataset(inputs, tuple(lm.plan.output_shape), seed=args.seed)
+
+
+def _diagnose(lm: LocalModel, data, device, console: Console) -> None:
+    """``--diagnose``: :func:`localize.diagnose` on the first 256 training samples."""
+    from localize.data import sequential_batches
+
+    inputs, target = next(sequential_batches(data[0], 256))
+    lm.to(device)
+    report = localize.diagnose(lm, tuple(x.to(device) for x in inputs), target.to(device))
+    console.print(f"diagnosis on {len(target)} training samples (gradient cosine: local vs backprop)")
+    console.print(str(report), markup=False)
+
+
 def _train(
     args, lm: LocalModel, mf: ModelFile, data, backprop_model, device, out: Path, console: Console,
     checkpoint_path: Path,
 ) -> None:
     from localize.cli import train as training
 
-    if data is None:
-        inputs = [
-            (n, tuple(x.shape[1:]), str(x.dtype).replace("torch.", ""), None if x.is_floating_point() else int(x.max()) + 1)
-            for n, x in zip(lm.plan.traced.input_names, mf.example_inputs())
-        ]
-        data = random_dataset(inputs, tuple(lm.plan.output_shape), seed=args.seed)
-        console.print(f"{mf.path.name} has no dataset(): training on random data shaped like example_inputs()")
     train, test = data
     lm.to(device)
     lm.train()
