@@ -23,7 +23,7 @@ from localize.runtime.model import LossContext
 from localize.zoo import GPT, ResNet1d, ResNet2d, ViT
 from tests.models import BlockOutputs, Case
 
-STRATEGIES = ["auglocal", "man", "infopro", "featrecon", "drtp"]
+STRATEGIES = ["auglocal", "man", "readout", "infopro", "featrecon", "drtp"]
 STEPS = 6  # steps after the first on one fixed batch
 
 
@@ -247,6 +247,50 @@ def test_man_ema_copies_are_checkpointed(tmp_path):
         assert torch.equal(v, saved[k])
 
 
+# ----------------------------------------------------------------------------------------------- readout
+
+
+@pytest.mark.parametrize("name", ["resnet1d", "hf_gpt2"])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_readout_copies_follow_the_live_layers_by_the_formula(name, momentum):
+    model, lm = _transform(name, 4, "readout", momentum=momentum)
+    head = lm.blocks[0].aux
+    # buffers only (adapters aside): the block's loss trains the block
+    buffers = {b: head.layers.get_buffer(b) for b, _, _ in head.follows}
+    live = {b: getattr(head, f"_live_{i}").get_parameter(p) for b, i, p in head.follows}
+    assert buffers and all(not t.requires_grad for t in buffers.values())
+    for b, t in buffers.items():  # exact copies of the live layers at the start, own storage
+        assert torch.equal(t, live[b]) and t.data_ptr() != live[b].data_ptr()
+    assert head.paths[-1] in {n for n, _ in model.named_modules()}
+    inputs, target = _batch(name)
+    lm.train_step(inputs, target)
+    before = {b: t.clone() for b, t in buffers.items()}
+    before_live = {b: t.detach().clone() for b, t in live.items()}
+    lm.train_step(inputs, target)  # block 0 updates and follows before the later blocks move
+    for b, t in buffers.items():
+        torch.testing.assert_close(t, momentum * before[b] + (1 - momentum) * before_live[b], atol=1e-6, rtol=1e-5)
+    opt_params = {id(p) for g in lm.blocks[0].optimizer.param_groups for p in g["params"]}
+    assert not opt_params & {id(t) for t in buffers.values()}
+
+
+def test_readout_gradients_point_where_backprop_points():
+    """At the start the copies are the live layers: following every later unit (depth=-1) gives
+    backprop's own gradient (cosine 1); one unit comes close; a DGL head does not."""
+    from localize.zoo import GPT
+
+    torch.manual_seed(0)
+    x = torch.randint(0, 30, (32, 16))
+    y = torch.roll(x, -1, 1)
+    cosines = {}
+    for aux, options in (("dgl", {}), ("readout", {}), ("readout", {"depth": -1})):
+        torch.manual_seed(0)
+        lm = localize.transform(GPT(30, block_size=16, dim=32, depth=4), blocks=4, example_inputs=(x[:2],),
+                                aux=aux, aux_options=options)
+        cosines[aux, options.get("depth", 1)] = [b.cosine for b in localize.diagnose(lm, x, y).blocks]
+    assert all(c == pytest.approx(1.0, abs=1e-5) for c in cosines["readout", -1])
+    assert min(cosines["readout", 1]) > 0.8 > max(cosines["dgl", 1][:-1])
+
+
 # ----------------------------------------------------------------------------------------------- infopro, featrecon
 
 
@@ -366,6 +410,8 @@ def test_inference_is_the_models_own(aux):
         ("auglocal", {"taper": 1.5}, ["taper=1.5", "[0, 1]"]),
         ("man", {"momentum": 1.0}, ["momentum=1.0", "[0, 1)"]),
         ("man", {"ema": 0.9}, ["'ema'", "momentum", "width", "pool"]),
+        ("readout", {"depth": -2}, ["depth=-2", "int >= -1"]),
+        ("readout", {"momentum": 1.0}, ["momentum=1.0", "[0, 1)"]),
         ("infopro", {"recon_loss": "l1"}, ["recon_loss='l1'", "'mse' or 'bce'"]),
         ("infopro", {"recon_weights": (1.0, -1.0)}, ["recon_weights", "floats >= 0"]),
         ("infopro", {"input": "pixels"}, ["'pixels'", "['x']"]),

@@ -5,7 +5,8 @@ A strategy is a function ``build(spec: AuxSpec) -> nn.Module`` registered under 
 :func:`register_aux`. Built in: ``"dgl"`` and ``"linear"`` (:mod:`localize.aux.heads`) and the
 published methods, generated from the transformed graph: ``"auglocal"`` (copies of later layers,
 :mod:`~localize.aux.auglocal`), ``"man"`` (EMA + trainable copy of the next block's first layer,
-:mod:`~localize.aux.man`), ``"infopro"`` (input reconstruction + classifier,
+:mod:`~localize.aux.man`), ``"readout"`` (the next layers and the output head, following the live
+model, :mod:`~localize.aux.readout`), ``"infopro"`` (input reconstruction + classifier,
 :mod:`~localize.aux.infopro`), ``"featrecon"`` (block-input reconstruction + output head,
 :mod:`~localize.aux.featrecon`) and ``"drtp"`` (fixed random target projection,
 :mod:`~localize.aux.drtp`). Each module documents its paper, options and defaults.
@@ -30,6 +31,7 @@ from localize.aux import featrecon as _featrecon  # noqa: E402,F401
 from localize.aux import heads as _heads  # noqa: E402,F401
 from localize.aux import infopro as _infopro  # noqa: E402,F401
 from localize.aux import man as _man  # noqa: E402,F401
+from localize.aux import readout as _readout  # noqa: E402,F401
 from localize.aux.registry import AuxBuilder, AuxSpec, Layout, available, build_aux, check_name, register_aux
 
 __all__ = ["AuxSpec", "Layout", "register_aux", "build_aux", "available", "check_name", "AuxBuilder"]
