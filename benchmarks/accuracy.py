@@ -8,6 +8,10 @@ block); only the auxiliary heads differ. Backprop is ``blocks=1`` (exactly end-t
   ResNet (15 residual units), K = 4, 8, 16: test accuracy (%).
 * Character-level LM on real text (this Python's standard-library sources), a 4-layer GPT,
   K = 2, 4: next-character test accuracy (%) and test loss (nats / char).
+* ``--tasks vit``: a 4-layer ViT on scikit-learn's 8x8 digits (1438 train / 359 test), K = 2, 4.
+
+``--ks char=2,4,8`` changes a task's K values, ``--strategies`` runs a subset, and ``--seeds N``
+repeats every run over N seeds (model init and data order), reporting mean ± std.
 
 It writes ``accuracy.md`` (the tables), ``accuracy.json`` and ``accuracy.png`` to ``--out``.
 
@@ -36,10 +40,10 @@ import torch
 import torch.nn.functional as F
 
 import localize
-from localize.data import char_dataset, mnist1d, stdlib_text
-from localize.zoo import GPT, ResNet1d
+from localize.data import char_dataset, digits, mnist1d, stdlib_text
+from localize.zoo import GPT, ResNet1d, ViT
 
-STRATEGIES = ["dgl", "linear", "auglocal", "man", "infopro", "featrecon", "drtp"]
+STRATEGIES = ["dgl", "linear", "auglocal", "man", "readout", "infopro", "featrecon", "drtp"]
 
 
 @dataclass
@@ -79,6 +83,9 @@ def char_model(vocab: int, block_size: int, dim: int) -> torch.nn.Module:
 
 
 def load(task: str, quick: bool, num_train: int | None = None, block: int | None = None):
+    if task == "vit":
+        (x, y), (xt, yt) = digits(test_fraction=0.2, seed=0)
+        return x, y, xt, yt, None
     if task == "mnist1d":
         (x, y), (xt, yt) = mnist1d(num_train=num_train or (1000 if quick else 4000))
         mean, std = x.mean(), x.std()
@@ -101,7 +108,12 @@ def run(cfg: Config, data) -> Result:
     torch.set_num_threads(1)  # runs go in parallel processes, one core each
     x, y, xt, yt, vocab = data
     torch.manual_seed(cfg.seed)
-    model = mnist1d_model(cfg.quick) if cfg.task == "mnist1d" else char_model(vocab, x.shape[1], cfg.char_dim)
+    if cfg.task == "mnist1d":
+        model = mnist1d_model(cfg.quick)
+    elif cfg.task == "vit":
+        model = ViT(image_size=8, patch_size=2, in_channels=1, num_classes=10, dim=64, depth=4, heads=4)
+    else:
+        model = char_model(vocab, x.shape[1], cfg.char_dim)
     aux = "dgl" if cfg.method == "backprop" else cfg.method
     lm = localize.transform(
         model,
@@ -159,15 +171,27 @@ def _run(args: tuple[Config, object]) -> Result:
 # ----------------------------------------------------------------------------------------------- report
 
 
+def _mean_std(values: list[float], fmt) -> str:
+    if len(values) == 1:
+        return fmt(values[0])
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{fmt(mean)} ± {fmt(std)}"
+
+
 def table(results: list[Result], task: str, ks: list[int], metric: str) -> str:
-    base = next(r for r in results if r.task == task and r.method == "backprop")
     fmt = (lambda v: f"{v:.2f}") if metric == "accuracy" else (lambda v: f"{v:.3f}")
+    by: dict[tuple[str, int], list[float]] = {}
+    for r in results:
+        if r.task == task:
+            by.setdefault((r.method, r.blocks), []).append(getattr(r, metric))
     head = "| method | " + " | ".join(f"K={k}" for k in ks) + " |"
     lines = [head, "|" + "---|" * (len(ks) + 1)]
-    lines.append(f"| backprop (K=1) | {fmt(getattr(base, metric))} " + "| " * (len(ks) - 1) + "|")
-    by = {(r.method, r.blocks): r for r in results if r.task == task}
+    lines.append(f"| backprop (K=1) | {_mean_std(by['backprop', 1], fmt)} " + "| " * (len(ks) - 1) + "|")
     for method in STRATEGIES:
-        cells = [fmt(getattr(by[method, k], metric)) if (method, k) in by else "-" for k in ks]
+        if not any((method, k) in by for k in ks):
+            continue
+        cells = [_mean_std(by[method, k], fmt) if (method, k) in by else "-" for k in ks]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -181,7 +205,11 @@ def plot(results: list[Result], tasks: dict[str, list[int]], path: Path) -> None
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
     axes = axes[0]
     for ax, (task, ks) in zip(axes, tasks.items()):
-        by = {(r.method, r.blocks): r.accuracy for r in results if r.task == task}
+        runs: dict[tuple[str, int], list[float]] = {}
+        for r in results:
+            if r.task == task:
+                runs.setdefault((r.method, r.blocks), []).append(r.accuracy)
+        by = {key: sum(v) / len(v) for key, v in runs.items()}
         base = by[("backprop", 1)]
         width = 0.8 / len(STRATEGIES)
         for j, method in enumerate(STRATEGIES):
@@ -193,7 +221,8 @@ def plot(results: list[Result], tasks: dict[str, list[int]], path: Path) -> None
         low = min(v for v in by.values())
         ax.set_ylim(max(0, low - 5), max(by.values()) + 2)
         ax.set_title(
-            {"mnist1d": "MNIST-1D, 1D ResNet-32", "char": "char LM (stdlib text), 4-layer GPT"}[task]
+            {"mnist1d": "MNIST-1D, 1D ResNet-32", "char": "char LM (stdlib text), 4-layer GPT",
+             "vit": "digits 8x8, 4-layer ViT"}[task]
         )
     axes[-1].legend(fontsize=8, loc="lower left")
     fig.tight_layout()
@@ -215,20 +244,29 @@ def main() -> None:
     parser.add_argument("--char-train", type=int, default=None, help="char LM training windows (6000)")
     parser.add_argument("--char-dim", type=int, default=None, help="GPT width (64; 32 with --quick)")
     parser.add_argument("--char-block", type=int, default=None, help="context length (64; 32 with --quick)")
+    parser.add_argument("--vit-epochs", type=int, default=None)
+    parser.add_argument("--ks", default="", help="K values per task, e.g. char=2,4,8;vit=2,4")
+    parser.add_argument("--seeds", type=int, default=1, help="runs per configuration (seeds seed, seed+1, ...)")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES), help="the strategies to run")
     args = parser.parse_args()
     quick = args.quick
-    tasks = {"mnist1d": [4, 8] if quick else [4, 8, 16], "char": [2, 4]}
+    tasks = {"mnist1d": [4, 8] if quick else [4, 8, 16], "char": [2, 4], "vit": [2, 4]}
+    for part in filter(None, args.ks.split(";")):
+        task, _, ks = part.partition("=")
+        tasks[task] = [int(k) for k in ks.split(",")]
     tasks = {t: ks for t, ks in tasks.items() if t in args.tasks.split(",")}
+    strategies = [m for m in args.strategies.split(",") if m]
     epochs = {
         "mnist1d": args.mnist_epochs or (3 if quick else 12),
         "char": args.char_epochs or (1 if quick else 2),
+        "vit": args.vit_epochs or (3 if quick else 10),
     }
-    batch = {"mnist1d": 64, "char": 32}
-    lr = {"mnist1d": 3e-3, "char": 2e-3}
+    batch = {"mnist1d": 64, "char": 32, "vit": 64}
+    lr = {"mnist1d": 3e-3, "char": 2e-3, "vit": 2e-3}
 
     jobs = []
     data_sizes: dict[str, torch.Tensor] = {}
-    sizes = {"mnist1d": (args.mnist_train, None), "char": (args.char_train, args.char_block)}
+    sizes = {"mnist1d": (args.mnist_train, None), "char": (args.char_train, args.char_block), "vit": (None, None)}
     char_dim = args.char_dim or (32 if quick else 64)
     for task, ks in tasks.items():
         data = load(task, quick, *sizes[task])
@@ -238,12 +276,12 @@ def main() -> None:
             epochs=epochs[task],
             batch=batch[task],
             lr=lr[task],
-            seed=args.seed,
             quick=quick,
             char_dim=char_dim,
         )
-        jobs.append((Config(method="backprop", blocks=1, **common), data))
-        jobs += [(Config(method=m, blocks=k, **common), data) for k in ks for m in STRATEGIES]
+        for seed in range(args.seed, args.seed + args.seeds):
+            jobs.append((Config(method="backprop", blocks=1, seed=seed, **common), data))
+            jobs += [(Config(method=m, blocks=k, seed=seed, **common), data) for k in ks for m in strategies]
     start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         results = []
@@ -262,7 +300,8 @@ def main() -> None:
     cpu = sum(r.seconds for r in results)
     parts = [
         f"Command: `{command.strip()}` ({wall / 60:.1f} min wall, {cpu / 60:.1f} min of training summed over "
-        f"runs, {args.jobs} processes of one thread, torch {torch.__version__}, seed {args.seed}).\n"
+        f"runs, {args.jobs} processes of one thread, torch {torch.__version__}, "
+        f"seeds {args.seed}..{args.seed + args.seeds - 1}).\n"
     ]
     if "mnist1d" in tasks:
         n = len(data_sizes["mnist1d"])
@@ -281,6 +320,13 @@ def main() -> None:
             "",
             "Same runs: test loss (nats / char)\n",
             table(results, "char", tasks["char"], "loss"),
+            "",
+        ]
+    if "vit" in tasks:
+        parts += [
+            f"ViT on the 8x8 digits ({len(data_sizes['vit'])} train / 359 test), 4 layers (width 64), "
+            f"{epochs['vit']} epochs: test accuracy (%)\n",
+            table(results, "vit", tasks["vit"], "accuracy"),
             "",
         ]
     report = "\n".join(parts)

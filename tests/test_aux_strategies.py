@@ -253,7 +253,7 @@ def test_man_ema_copies_are_checkpointed(tmp_path):
 @pytest.mark.parametrize("name", ["resnet1d", "hf_gpt2"])
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_readout_copies_follow_the_live_layers_by_the_formula(name, momentum):
-    model, lm = _transform(name, 4, "readout", momentum=momentum)
+    model, lm = _transform(name, 4, "readout", follow=True, momentum=momentum)
     head = lm.blocks[0].aux
     # buffers only (adapters aside): the block's loss trains the block
     buffers = {b: head.layers.get_buffer(b) for b, _, _ in head.follows}
@@ -274,21 +274,57 @@ def test_readout_copies_follow_the_live_layers_by_the_formula(name, momentum):
 
 
 def test_readout_gradients_point_where_backprop_points():
-    """At the start the copies are the live layers: following every later unit (depth=-1) gives
-    backprop's own gradient (cosine 1); one unit comes close; a DGL head does not."""
+    """At the start the copies are the live layers: copying every later unit (depth=-1) gives
+    backprop's own gradient (cosine 1); the default two units come close; a DGL head does not."""
     from localize.zoo import GPT
 
     torch.manual_seed(0)
     x = torch.randint(0, 30, (32, 16))
     y = torch.roll(x, -1, 1)
     cosines = {}
-    for aux, options in (("dgl", {}), ("readout", {}), ("readout", {"depth": -1})):
+    for key, aux, options in (("dgl", "dgl", {}), ("default", "readout", {}), ("all", "readout", {"depth": -1})):
         torch.manual_seed(0)
         lm = localize.transform(GPT(30, block_size=16, dim=32, depth=4), blocks=4, example_inputs=(x[:2],),
                                 aux=aux, aux_options=options)
-        cosines[aux, options.get("depth", 1)] = [b.cosine for b in localize.diagnose(lm, x, y).blocks]
-    assert all(c == pytest.approx(1.0, abs=1e-5) for c in cosines["readout", -1])
-    assert min(cosines["readout", 1]) > 0.8 > max(cosines["dgl", 1][:-1])
+        cosines[key] = [b.cosine for b in localize.diagnose(lm, x, y).blocks]
+    assert all(c == pytest.approx(1.0, abs=1e-5) for c in cosines["all"])
+    assert min(cosines["default"]) > 0.8 > max(cosines["dgl"][:-1])
+
+
+def test_readout_reaching_the_models_end_trains_exactly_like_backprop():
+    """K=2, depth 2 on a 4-layer GPT: block 0's head is a copy of the rest of the model, so its
+    gradient is backprop's and the copies stay equal to the live layers: bit-identical to K=1."""
+    from localize.zoo import GPT
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 30, (16, 16), generator=g)
+    y = torch.roll(x, -1, 1)
+    trained = {}
+    for blocks, aux in ((1, "dgl"), (2, "readout")):
+        torch.manual_seed(0)
+        net = GPT(30, block_size=16, dim=32, depth=4)
+        lm = localize.transform(net, blocks=blocks, example_inputs=(x[:2],), aux=aux)
+        for _ in range(4):
+            losses = lm.train_step(x, y)
+        trained[blocks] = (net.state_dict(), losses)
+    assert trained[2][1][0] == trained[2][1][1] == trained[1][1][0]  # block 0's loss is the model's
+    for k, v in trained[1][0].items():
+        assert torch.equal(trained[2][0][k], v), k
+
+
+def test_readout_copies_start_from_the_live_layers_and_train_with_their_block():
+    model, lm = _transform("hf_gpt2", 4, "readout")
+    head = lm.blocks[0].aux
+    assert head.follows == [] and head.paths[:2] == ["transformer.h.1", "transformer.h.2"]
+    copy = head.layers[0].layer
+    live = model.get_submodule("transformer.h.1")
+    for (name, p), q in zip(copy.named_parameters(), live.parameters()):
+        assert torch.equal(p, q) and p.data_ptr() != q.data_ptr(), name
+    opt_params = {id(p) for g in lm.optimizers[0].param_groups for p in g["params"]}
+    assert {id(p) for p in head.parameters()} <= opt_params
+    inputs, target = _batch("hf_gpt2")
+    lm.train_step(inputs, target)
+    assert any(not torch.equal(p, q) for p, q in zip(copy.parameters(), live.parameters()))
 
 
 # ----------------------------------------------------------------------------------------------- infopro, featrecon
