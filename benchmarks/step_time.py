@@ -10,12 +10,9 @@ machine drift hits all alike; the median of ``--steps`` calls after ``--warmup``
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
-from rich.console import Console
-from rich.table import Table
+from _timing import print_ratios, round_robin
 
 import localize
 from localize.zoo import GPT
@@ -50,21 +47,9 @@ def main(argv: list[str] | None = None) -> None:
             net, blocks=k or args.blocks, example_inputs=(x[:2],), aux=aux, aux_options=options,
             optimizer=lambda ps: torch.optim.AdamW(ps, lr=2e-3, weight_decay=1e-4),
         )
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for i in range(args.warmup + args.steps):
-        for name, lm in models.items():
-            t0 = time.perf_counter()
-            lm.train_step(x, y)
-            if i >= args.warmup:
-                times[name].append(time.perf_counter() - t0)
-    base = statistics.median(times["backprop"])
-    table = Table(title=f"char-LM GPT, K={args.blocks}, batch 32 x 64, {torch.get_num_threads()} thread(s)")
-    for column in ("method", "ms per step", "vs backprop"):
-        table.add_column(column, justify="left" if column == "method" else "right")
-    for name, ts in times.items():
-        ms = statistics.median(ts)
-        table.add_row(name, f"{1000 * ms:.1f}", f"{ms / base:.2f}x")
-    Console().print(table)
+    medians = round_robin(models, (x, y), args.steps, args.warmup)
+    title = f"char-LM GPT, K={args.blocks}, batch 32 x 64, {torch.get_num_threads()} thread(s)"
+    print_ratios(title, medians, "backprop", "method")
 
 
 if __name__ == "__main__":

@@ -13,12 +13,9 @@ are timed round-robin so that machine drift hits all alike, each the median of `
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
-from rich.console import Console
-from rich.table import Table
+from _timing import print_ratios, round_robin
 
 import localize
 from localize.runtime.schedulers import LRSchedule
@@ -50,21 +47,9 @@ def main(argv: list[str] | None = None) -> None:
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(64, 1, 40, generator=g), torch.randint(0, 10, (64,), generator=g)
     models = {name: build(options, x) for name, options in VARIANTS.items()}
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for i in range(args.warmup + args.steps):
-        for name, lm in models.items():
-            t0 = time.perf_counter()
-            lm.train_step(x, y)
-            if i >= args.warmup:
-                times[name].append(time.perf_counter() - t0)
-    base = statistics.median(times["plain"])
-    table = Table(title=f"train_step per call, K=4, batch 64, {torch.get_num_threads()} thread(s)")
-    for column in ("option", "ms per call", "vs plain"):
-        table.add_column(column, justify="left" if column == "option" else "right")
-    for name, ts in times.items():
-        ms = statistics.median(ts)
-        table.add_row(name, f"{1000 * ms:.1f}", f"{ms / base:.2f}x")
-    Console().print(table)
+    medians = round_robin(models, (x, y), args.steps, args.warmup)
+    title = f"train_step per call, K=4, batch 64, {torch.get_num_threads()} thread(s)"
+    print_ratios(title, medians, "plain", "option")
 
 
 if __name__ == "__main__":

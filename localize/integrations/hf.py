@@ -46,6 +46,7 @@ import torch
 
 from localize.errors import ConfigError
 from localize.extras import require
+from localize.runtime.checkpoint import loop_state, restore_loop_state
 
 transformers = require("transformers", "hf", "localize.integrations.hf")
 
@@ -83,13 +84,7 @@ class _BlockOptimizers(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         lm = self._trainer.lm
-        return {
-            "blocks": [o.state_dict() for o in self._blocks],
-            "aux": lm.aux.state_dict(),
-            "step": lm.step_count,
-            "pending": lm.pending,
-            "grads": [[p.grad for g in o.param_groups for p in g["params"]] if lm.pending else None for o in self._blocks],
-        }
+        return {"blocks": [o.state_dict() for o in self._blocks], "aux": lm.aux.state_dict(), **loop_state(lm)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         lm = self._trainer.lm
@@ -97,12 +92,7 @@ class _BlockOptimizers(torch.optim.Optimizer):
             optimizer.load_state_dict(state)
         self.param_groups = [g for o in self._blocks for g in o.param_groups]  # load_state_dict made new ones
         lm.aux.load_state_dict(state_dict["aux"])
-        lm.step_count, lm._state.pending = state_dict["step"], state_dict["pending"]
-        for optimizer, grads in zip(self._blocks, state_dict["grads"]):
-            if grads is not None:
-                params = [p for g in optimizer.param_groups for p in g["params"]]
-                for p, grad in zip(params, grads):
-                    p.grad = None if grad is None else grad.to(p.device)
+        restore_loop_state(lm, state_dict)
 
 
 class LocalTrainer(transformers.Trainer):

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from localize.extras import require
+from localize.runtime.checkpoint import loop_state, restore_loop_state
 from localize.runtime.model import LocalModel
 
 L = require("lightning", "lightning", "localize.integrations.lightning")
@@ -103,30 +104,8 @@ class LocalizeModule(L.LightningModule):
         return pytree.tree_leaves(out)[self.lm.plan.output_index]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        lm = self.lm
-        pending = lm.pending
-        checkpoint["localize"] = {
-            "step": lm.step_count,
-            "pending": pending,
-            "scalers": [s.state_dict() if s is not None else None for s in lm.scalers],
-            "grads": [
-                [p.grad for g in o.param_groups for p in g["params"]] if o is not None and pending else None
-                for o in lm.optimizers
-            ],
-        }
+        checkpoint["localize"] = loop_state(self.lm)  # step, accumulation, scalers, pending gradients
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get("localize")
-        if saved is None:
-            return
-        lm = self.lm
-        lm.step_count = saved["step"]
-        lm._state.pending = saved["pending"]
-        for scaler, state in zip(lm.scalers, saved["scalers"]):
-            if scaler is not None and state is not None:
-                scaler.load_state_dict(state)
-        for optimizer, grads in zip(lm.optimizers, saved["grads"]):
-            if optimizer is not None and grads is not None:
-                params = [p for g in optimizer.param_groups for p in g["params"]]
-                for p, grad in zip(params, grads):
-                    p.grad = None if grad is None else grad.to(p.device)
+        if "localize" in checkpoint:
+            restore_loop_state(self.lm, checkpoint["localize"])

@@ -39,7 +39,16 @@ from localize.version import __version__
 if TYPE_CHECKING:
     from localize.runtime.model import LocalModel
 
-__all__ = ["Checkpoint", "CheckpointError", "save", "load", "fingerprint", "atomic_write_bytes"]
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "atomic_write_bytes",
+    "fingerprint",
+    "load",
+    "loop_state",
+    "restore_loop_state",
+    "save",
+]
 
 FORMAT = 2  # 2: plain data only (1 held NumPy arrays and torch's version object)
 _READABLE = (1, 2)
@@ -148,13 +157,9 @@ def save(lm: LocalModel, path: str | os.PathLike, *, data: dict[str, Any] | None
         "aux": lm.aux.state_dict(),
         "optimizers": [b.optimizer.state_dict() if b.optimizer is not None else None for b in lm.blocks],
         "rng": _rng_state(),
-        "step": lm.step_count,
         "data": dict(data or {}),
         "schedulers": [_state_of(b.scheduler) for b in lm.blocks],
-        "scalers": [_state_of(b.scaler) for b in lm.blocks],
-        "pending": lm.pending,
-        # mid-cycle, the gradients added so far are training state too
-        "grads": [_grads_of(b.optimizer) if lm.pending else None for b in lm.blocks],
+        **loop_state(lm),
     }
     buffer = io.BytesIO()
     torch.save(state, buffer)  # serialise fully before touching the target file
@@ -221,10 +226,37 @@ def _state_of(thing: Any) -> dict[str, Any] | None:
     return thing.state_dict() if thing is not None else None
 
 
-def _grads_of(optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor | None] | None:
-    if optimizer is None:
-        return None
-    return [p.grad for g in optimizer.param_groups for p in g["params"]]
+def loop_state(lm: LocalModel) -> dict[str, Any]:
+    """Where the training loop stands beyond the model, heads and optimizers: the step count, the
+    accumulation position, the ``GradScaler`` states and, mid-cycle, the gradients added so far.
+    Plain data and tensors; the trainer integrations store it in their own checkpoints."""
+    pending = lm.pending
+    return {
+        "step": lm.step_count,
+        "pending": pending,
+        "scalers": [_state_of(b.scaler) for b in lm.blocks],
+        "grads": [
+            [p.grad for g in b.optimizer.param_groups for p in g["params"]]
+            if pending and b.optimizer is not None
+            else None
+            for b in lm.blocks
+        ],
+    }
+
+
+def restore_loop_state(lm: LocalModel, state: dict[str, Any]) -> None:
+    """The inverse of :func:`loop_state` (optimizers must exist: ``lm.optimizers`` makes them)."""
+    lm._ensure_optimizers()
+    for block, scaler in zip(lm.blocks, state.get("scalers", [])):
+        if scaler is not None and block.scaler is not None:
+            block.scaler.load_state_dict(scaler)
+    for block, grads in zip(lm.blocks, state.get("grads", [])):
+        if grads is not None and block.optimizer is not None:
+            params = [p for g in block.optimizer.param_groups for p in g["params"]]
+            for p, g in zip(params, grads):
+                p.grad = None if g is None else g.to(p.device)
+    lm.step_count = state["step"]
+    lm._state.pending = state.get("pending", 0)
 
 
 def _format1_types() -> list[Any]:
@@ -279,14 +311,5 @@ def restore(lm: LocalModel, ckpt: Checkpoint) -> None:
     for block, state in zip(lm.blocks, ckpt.schedulers):
         if state is not None and block.scheduler is not None:
             block.scheduler.load_state_dict(state)
-    for block, state in zip(lm.blocks, ckpt.scalers):
-        if state is not None and block.scaler is not None:
-            block.scaler.load_state_dict(state)
-    for block, grads in zip(lm.blocks, ckpt.grads):
-        if grads is not None and block.optimizer is not None:
-            params = [p for g in block.optimizer.param_groups for p in g["params"]]
-            for p, g in zip(params, grads):
-                p.grad = None if g is None else g.to(p.device)
-    lm.step_count = ckpt.step
-    lm._state.pending = ckpt.pending
+    restore_loop_state(lm, {"step": ckpt.step, "pending": ckpt.pending, "scalers": ckpt.scalers, "grads": ckpt.grads})
     _set_rng_state(ckpt.rng)
