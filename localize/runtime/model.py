@@ -200,7 +200,7 @@ class LocalModel(nn.Module):
         for block in blocks if blocks is not None else self.blocks:
             if block.optimizer is None and block.trainable:
                 block.optimizer = _make_optimizer(self._optimizer_factory, block)
-                (block.scheduler,) = make_schedulers([block.optimizer], self._scheduler_factory)
+                (block.scheduler,) = make_schedulers([block.optimizer], self._scheduler_factory, block.index)
                 (block.scaler,) = make_scalers([block.optimizer], self.autocast)
 
     def _ready_blocks(self, what: str) -> list[Block]:

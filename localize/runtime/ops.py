@@ -148,13 +148,14 @@ def update_due(state: StepState, accumulate: int) -> bool:
 
 
 def make_schedulers(
-    optimizers: list[torch.optim.Optimizer | None], factory: Callable[[Any], Any] | None
+    optimizers: list[torch.optim.Optimizer | None], factory: Callable[[Any], Any] | None, first: int = 0
 ) -> list[Any]:
-    """One scheduler per block from ``factory(optimizer)``; None where a block has no optimizer."""
+    """One scheduler per block from ``factory(optimizer)``; None where a block has no optimizer.
+    ``first`` is the first optimizer's block index (for messages)."""
     if factory is None:
         return [None] * len(optimizers)
     out = []
-    for block, optimizer in enumerate(optimizers):
+    for block, optimizer in enumerate(optimizers, start=first):
         if optimizer is None:
             out.append(None)
             continue
