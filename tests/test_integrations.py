@@ -232,6 +232,16 @@ def test_transformers_trainer_resumes_from_its_checkpoint(tmp_path):
     assert resumed.lm.step_count == whole.lm.step_count == 12
 
 
+def test_transformers_trainer_without_labels_says_what_to_set(tmp_path):
+    from localize.errors import ConfigError
+    from localize.integrations.hf import LocalTrainer
+
+    data = [{"input_ids": d["input_ids"]} for d in _text(16)]
+    trainer = LocalTrainer(model=_gpt2(), args=_args(tmp_path, max_steps=1), train_dataset=data, blocks=2)
+    with pytest.raises(ConfigError, match=r"must hold 'labels' .*label_names"):
+        _quiet(trainer.train)
+
+
 # ----------------------------------------------------------------------------------------- docs and examples
 
 

@@ -142,7 +142,8 @@ class LocalTrainer(transformers.Trainer):
         inputs, _ = self._labels_of(batch)
         model = self.model
         cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
-        decay = {id(p) for n, p in model.named_parameters() if n in set(self.get_decay_parameter_names(model))}
+        decay_names = set(self.get_decay_parameter_names(model))
+        decay = {id(p) for n, p in model.named_parameters() if n in decay_names}
         weight_decay = self.args.weight_decay
 
         def factory(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
