@@ -27,8 +27,8 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
-from torch.utils import _pytree as pytree
 
+from localize.compiler.traced import output_leaf
 from localize.data import epoch_batches, num_batches, sequential_batches
 from localize.errors import ConfigError, TargetError
 from localize.extras import require
@@ -109,11 +109,6 @@ def _finite(v: float) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def select_output(out: Any, index: int) -> torch.Tensor:
-    """The leaf of a model output (tensor, tuple, dict, ModelOutput) that the loss reads."""
-    return pytree.tree_leaves(out)[index]
-
-
 def train_local(
     lm: LocalModel,
     train: Any,
@@ -134,7 +129,7 @@ def train_local(
     index = lm.plan.output_index
 
     def forward(*inputs: torch.Tensor) -> torch.Tensor:
-        return select_output(lm(*inputs), index)
+        return output_leaf(lm(*inputs), index)
 
     exclude = list(lm.parameters())
     return _fit(
@@ -188,14 +183,12 @@ def train_backprop(
     acc = lm.accumulate
 
     def call(inputs: tuple) -> Any:
-        bound = traced.signature.bind_partial(*inputs).arguments
-        fixed = {k: v for k, v in traced.constants.items() if k not in bound}
-        return model(*inputs, **fixed)
+        return traced.call_model(model, inputs)
 
     def step(inputs: tuple, target: torch.Tensor) -> list[float]:
         ops.begin_step(state, list(inputs))
         mode = ops.autocast_enter(state, 0, lm.autocast) if lm.autocast else None
-        loss = ops.local_loss(state, 0, select_output(call(inputs), index), target)
+        loss = ops.local_loss(state, 0, output_leaf(call(inputs), index), target)
         if mode is not None:
             ops.autocast_exit(state, 0, mode)
         value = ops.check_loss(state, 0, ops.backward(state, 0, loss, acc))
@@ -206,7 +199,7 @@ def train_backprop(
         return [value]
 
     def forward(*inputs: torch.Tensor) -> torch.Tensor:
-        return select_output(call(inputs), index)
+        return output_leaf(call(inputs), index)
 
     return _fit(
         "backprop",

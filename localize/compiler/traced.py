@@ -75,3 +75,15 @@ class Traced:
 
     def unflatten(self, leaves: list[Any]) -> Any:
         return pytree.tree_unflatten(list(leaves), self.out_spec)
+
+    def call_model(self, model: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        """``model(*args, **kwargs)`` as traced: parameters bound to a constant while tracing get it
+        again (the untransformed model, e.g. for backprop beside the blocks)."""
+        kwargs = dict(kwargs or {})
+        bound = self.signature.bind_partial(*args, **kwargs).arguments
+        return model(*args, **kwargs, **{k: v for k, v in self.constants.items() if k not in bound})
+
+
+def output_leaf(out: Any, index: int) -> Any:
+    """Leaf ``index`` of a model output (tensor, tuple, dict, ModelOutput): what the loss reads."""
+    return pytree.tree_leaves(out)[index]

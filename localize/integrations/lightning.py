@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from localize.compiler.traced import output_leaf
 from localize.extras import require
 from localize.runtime.checkpoint import loop_state, restore_loop_state
 from localize.runtime.model import LocalModel
@@ -97,11 +98,7 @@ class LocalizeModule(L.LightningModule):
             self.log("val_acc", accuracy, prog_bar=True, batch_size=batch_size)
 
     def _prediction(self, inputs: Any) -> torch.Tensor:
-        from torch.utils import _pytree as pytree
-
-        flat = self.lm._flat_inputs(inputs)
-        out = self.lm(*flat)
-        return pytree.tree_leaves(out)[self.lm.plan.output_index]
+        return output_leaf(self.lm(*self.lm._flat_inputs(inputs)), self.lm.plan.output_index)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["localize"] = loop_state(self.lm)  # step, accumulation, scalers, pending gradients

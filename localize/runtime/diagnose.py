@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils import _pytree as pytree
 
+from localize.compiler.traced import output_leaf
 from localize.errors import ConfigError
 from localize.runtime.ops import StepState, run_step
 
@@ -142,15 +142,13 @@ def _end_to_end_pass(lm: Any, inputs: Any, flat: list[Any], target: torch.Tensor
     """Plain backprop of the model's loss through the original model."""
     for p in lm.parameters():
         p.grad = None
-    traced = lm.plan.traced
     with torch.enable_grad():
         if isinstance(inputs, dict):
-            out = lm.model(**inputs)
+            out = lm.plan.traced.call_model(lm.model, (), inputs)
         else:
             args = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
-            bound = traced.signature.bind_partial(*args).arguments
-            out = lm.model(*args, **{k: v for k, v in traced.constants.items() if k not in bound})
-        pred = pytree.tree_leaves(out)[lm.plan.output_index]
+            out = lm.plan.traced.call_model(lm.model, args)
+        pred = output_leaf(out, lm.plan.output_index)
         loss = lm.loss_fn(pred, target)
         loss.backward()
     grads = {p: p.grad.detach().clone() for p in lm.parameters() if p.grad is not None}
