@@ -517,3 +517,13 @@ def test_training_loop_flags_reach_the_step_the_plan_and_program(tiny, tmp_path,
     assert [s["last_epoch"] for s in ckpt.schedulers] == [3, 3] and ckpt.pending == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["local"]["step_losses"]) == 6 and len(metrics["backprop"]["step_losses"]) == 6
+
+
+def test_resume_refuses_a_schedule_of_another_length(tiny, tmp_path, capsys):
+    """A cosine schedule fitted to 1 epoch would run past its end (and rise again) over 2."""
+    common = [tiny, "--blocks", "2", "--no-onnx", "--train", "--batch-size", "16", "--schedule", "cosine"]
+    code, _, err = run_cli([*common, "--epochs", "1", "--out", tmp_path / "a"], capsys)
+    assert code == 0, err
+    resume = ["--resume", tmp_path / "a" / "checkpoint.pt"]
+    code, _, err = run_cli([*common, "--epochs", "2", *resume, "--out", tmp_path / "b"], capsys)
+    assert code == 2 and "the checkpoint's --schedule runs over 3 updates, this run's over 6" in err, err

@@ -289,8 +289,11 @@ def _checkpointing(args, lm: LocalModel, path: Path, console: Console):
         "accumulate": args.accumulate, "amp": args.amp, "schedule": args.schedule, "warmup": args.warmup,
     }
 
+    # a schedule's length is part of its state: resuming with other --epochs would run past its end
+    updates = getattr(lm._scheduler_factory, "total", None)
+
     def save(position: dict[str, Any], to: Path = path) -> None:
-        lm.save(str(to), data=position | {"run": run})
+        lm.save(str(to), data=position | {"run": run | {"schedule_updates": updates}})
 
     def restore() -> dict[str, Any]:
         data = localize.load(args.resume, into=lm).data
@@ -300,6 +303,12 @@ def _checkpointing(args, lm: LocalModel, path: Path, console: Console):
                 f"--checkpoint-every); resume from a checkpoint the CLI wrote"
             )
         saved = data.get("run", {})
+        if saved.get("schedule_updates", updates) != updates:
+            raise ConfigError(
+                f"--resume {args.resume}: the checkpoint's --schedule runs over {saved['schedule_updates']} updates, "
+                f"this run's over {updates} (its --epochs differ); pass the same --epochs, or train on with "
+                f"--schedule none"
+            )
         for key, value in run.items():
             if key in saved and saved[key] != value:
                 flag = "--" + key.replace("_", "-")
