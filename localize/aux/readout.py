@@ -93,11 +93,8 @@ class ReadoutHead(nn.Module):
         ema_update(mine, live, decay=self.momentum)
 
 
-def _follow(copy: nn.Module, live: nn.Module, prefix: str, index: int, follow: bool) -> list[tuple[str, int, str]]:
-    """Turn ``copy``'s parameters into buffers that follow ``live``'s parameters of the same path
-    (``follow=False``: leave them trainable parameters of the head, starting from the live values)."""
-    if not follow:
-        return []
+def _follow(copy: nn.Module, live: nn.Module, prefix: str, index: int) -> list[tuple[str, int, str]]:
+    """Turn ``copy``'s parameters into buffers that follow ``live``'s parameters of the same path."""
     names = parameters_to_buffers(copy)
     out = []
     for name in names:
@@ -133,7 +130,7 @@ def readout_head(spec: AuxSpec) -> nn.Module:
             modules.append(link)
         if opts["follow"]:
             target = plan.model.get_submodule(unit.path)
-            follows += _follow(layer, target, str(len(modules)), len(live), True)
+            follows += _follow(layer, target, str(len(modules)), len(live))
             live.append(target)
         modules.append(layer)
         paths.append(unit.path)

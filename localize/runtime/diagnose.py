@@ -30,7 +30,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -203,4 +202,4 @@ def _probe(feature: Any, target: torch.Tensor, steps: int) -> tuple[float | None
         accuracy = float((probe(x[test]).argmax(-1) == y[test]).float().mean())
     counts = torch.bincount(y[test], minlength=classes)
     chance = float(counts.max()) / max(1, int(test.sum()))
-    return accuracy, chance if not math.isnan(chance) else None
+    return accuracy, chance
