@@ -37,7 +37,8 @@ from torch import nn
 
 from localize.compiler.tracer import lmeta
 from localize.errors import ConfigError
-from localize.runtime import ops
+from localize.runtime import chunks, ops
+from localize.runtime.chunks import Chunking
 from localize.runtime.schedule import Action, ActionKind, Schedule, sequential_schedule
 
 __all__ = ["build_step_graph", "reads_model_inputs", "schedule_of"]
@@ -61,6 +62,7 @@ def build_step_graph(
     accumulate: int = 1,
     autocast: str | None = None,
     scheduler: bool = False,
+    chunking: Chunking | None = None,
 ) -> fx.GraphModule:
     """The step graph of ``program`` (a GraphModule named ``TrainStep``).
 
@@ -74,6 +76,8 @@ def build_step_graph(
         accumulate: update every ``accumulate``-th call, on the gradients of the calls since.
         autocast: ``"bf16"`` or ``"fp16"``: blocks, heads and losses run under ``torch.autocast``.
         scheduler: whether each update is followed by a ``scheduler_step`` node.
+        chunking: with ``transform(chunk_size=)``: each block's F is ``chunk_forward`` of its chunk
+            program (then ``chunk_outputs``) and its L is ``chunk_backward`` (SeCO / SpaCO).
 
     Its ``forward(state, *inputs, target)`` returns the K loss values; ``state`` is a
     :class:`localize.runtime.ops.StepState`.
@@ -98,6 +102,8 @@ def build_step_graph(
     features: dict[int, fx.Node] = {}
     values: dict[int, fx.Node] = {}
     head_attr: dict[int, fx.Node] = {}
+    chunk_prog: dict[int, fx.Node] = {}
+    passes: dict[int, fx.Node] = {}
     current: list[str | None] = [None]
 
     def tag(node: fx.Node, block: int | None) -> fx.Node:
@@ -147,15 +153,23 @@ def build_step_graph(
                 raise ConfigError(
                     f"the schedule runs block {b} before its inputs ({', '.join(missing)}) exist"
                 )
-            root[f"block_{b}"] = getattr(program, call_node.target)
             args = fx.node.map_arg(call_node.args, env.__getitem__)
             kwargs = fx.node.map_arg(call_node.kwargs, env.__getitem__)
             mode = enter(b, "forward")
-            env[call_node] = tag(
-                graph.create_node("call_module", f"block_{b}", args, kwargs, name=f"block_{b}"), b
-            )
+            if chunking is not None:
+                root[f"chunk_{b}"] = chunking.programs[b]
+                chunk_prog[b] = tag(graph.create_node("get_attr", f"chunk_{b}", name=f"chunk_{b}"), b)
+                passes[b] = call(chunks.chunk_forward, b, "chunks", chunk_prog[b], chunking.size, *args)
+                env[call_node] = call(chunks.chunk_outputs, b, "block", passes[b])
+            else:
+                root[f"block_{b}"] = getattr(program, call_node.target)
+                env[call_node] = tag(
+                    graph.create_node("call_module", f"block_{b}", args, kwargs, name=f"block_{b}"), b
+                )
             leave(b, mode)
             emit_ready()
+            if chunking is not None:
+                continue
             features[b] = next(
                 (
                     env[u]
@@ -172,6 +186,13 @@ def build_step_graph(
                 ),
                 b,
             )
+        elif action.kind is ActionKind.LOSS and chunking is not None:
+            value = call(
+                chunks.chunk_backward, b, "backward", chunk_prog[b], passes[b],
+                head_node(b) if head is not None else None, target, loss_slots[b],
+                accumulate=int(accumulate), autocast=autocast, keep=float(chunking.keep),
+            )
+            values[b] = call(ops.check_loss, b, "checked", value)
         elif action.kind is ActionKind.LOSS:
             mode = enter(b, "loss")
             if head is None:

@@ -74,6 +74,17 @@ def _natural(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    """A number in (0, 1] (``--chunk-keep``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; use a probability in (0, 1]") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is out of range; use a probability in (0, 1]")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from localize.aux import available
 
@@ -126,6 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--warmup", type=_natural, default=0, metavar="W",
         help="updates of linear warmup from lr/W to lr before the schedule",
+    )
+    p.add_argument(
+        "--chunk-size", type=_positive(int, "use an integer >= 1"), default=None, metavar="C",
+        help="also train each block chunk by chunk along the sequence, C positions at a time (SeCO: exact "
+        "gradient, one chunk's activations alive; causal sequence models only; None: whole sequences)",
+    )
+    p.add_argument(
+        "--chunk-keep", type=_fraction, default=1.0, metavar="P",
+        help="with --chunk-size: backpropagate each chunk with probability P, compensated (SpaCO; 1: every chunk)",
     )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="training device")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order")
@@ -236,6 +256,8 @@ def _run(args: argparse.Namespace, console: Console) -> int:
             "accumulate": args.accumulate,
             "autocast": args.amp,
             "schedule": {"kind": args.schedule, "warmup": args.warmup},
+            "chunk_size": args.chunk_size,
+            "chunk_keep": args.chunk_keep,
             "batch_size": args.batch_size,
             "seed": args.seed,
         }
@@ -287,6 +309,7 @@ def _checkpointing(args, lm: LocalModel, path: Path, console: Console):
     run = {
         "seed": args.seed, "batch_size": args.batch_size, "optimizer": args.optimizer, "lr": args.lr,
         "accumulate": args.accumulate, "amp": args.amp, "schedule": args.schedule, "warmup": args.warmup,
+        "chunk_size": args.chunk_size, "chunk_keep": args.chunk_keep,
     }
 
     # a schedule's length is part of its state: resuming with other --epochs would run past its end
@@ -396,9 +419,12 @@ def summary_table(doc: dict[str, Any]) -> Table:
     """The blocks of a plan.json document as a rich table (the CLI's summary)."""
     model = doc["model"]
     inputs = ", ".join(f"{i['name']} {tuple(i['shape'])}" for i in model["inputs"])
+    chunk = doc["options"].get("chunk_size")
+    keep = doc["options"].get("chunk_keep", 1.0)
+    chunks = f"   chunks of {chunk} ({'SeCO' if keep >= 1 else f'SpaCO keep {keep:g}'})" if chunk else ""
     table = Table(
         title=f"{model['name']}: {doc['num_blocks']} blocks ({model['trace']} trace, inputs {inputs})",
-        caption=f"schedule: {doc['schedule']}   threads: {torch.get_num_threads()}",
+        caption=f"schedule: {doc['schedule']}{chunks}   threads: {torch.get_num_threads()}",
         title_justify="left",
         caption_justify="left",
     )

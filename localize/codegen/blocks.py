@@ -28,7 +28,7 @@ Example:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch.fx as fx
@@ -89,6 +89,7 @@ class Generated:
     block_errors: list[str | None]
     heads: list[ModuleCode | None]
     head_errors: list[str | None]
+    chunks: list[ModuleCode | None] = field(default_factory=list)  # chunk programs (chunk_size=)
 
     def weights(self, lm: LocalModel) -> dict[str, Any]:
         """The ``weights.pt`` payload: tensors per block and per head, by dotted path (``load_tensors``)."""
@@ -101,7 +102,11 @@ class Generated:
         }
 
     def first_error(self) -> str | None:
-        return next((e for e in self.block_errors + self.head_errors if e is not None), None)
+        return next((e for e in self.block_errors + self.head_errors + self.chunk_errors if e is not None), None)
+
+    @property
+    def chunk_errors(self) -> list[str | None]:
+        return [None if c is not None else "a chunk program could not be written" for c in self.chunks]
 
 
 def generate(lm: LocalModel) -> Generated:
@@ -129,6 +134,13 @@ def generate(lm: LocalModel) -> Generated:
                 error = f"aux head of block {block.index}: {e}"
         gen.heads.append(head)
         gen.head_errors.append(error)
+    for index, program in enumerate(lm.chunk_programs):
+        try:
+            code = module_code(program, f"Chunk{index}", f"Block {index} on one chunk of the sequence.")
+            code.call = f"{code.name}()"
+            gen.chunks.append(code)
+        except CodegenError:
+            gen.chunks.append(None)
     return gen
 
 

@@ -69,7 +69,11 @@ def step_source(lm: LocalModel) -> tuple[str, set[str]]:
     forward = python.src.strip("\n").rstrip()
     imports = _imports_for(python.globals, forward)
     extra = sorted(
-        {n.target for n in step.graph.nodes if n.op == "get_attr" and not n.target.startswith(("head_", "block_"))}
+        {
+            n.target
+            for n in step.graph.nodes
+            if n.op == "get_attr" and not n.target.startswith(("head_", "block_", "chunk_"))
+        }
     )
     if any("." in t for t in extra):
         raise CodegenError(f"the step reads nested attributes {extra}, which program.py cannot register")
@@ -77,12 +81,14 @@ def step_source(lm: LocalModel) -> tuple[str, set[str]]:
         "class TrainStep(nn.Module):\n"
         f'    """The training step: {lm.schedule}. fx wrote forward() from the step graph;\n'
         '    LocalModel.train_step runs the same code."""\n\n'
-        "    def __init__(self, blocks, heads, tensors):\n"
+        "    def __init__(self, blocks, heads, tensors, chunks=()):\n"
         "        super().__init__()\n"
         "        for i, (block, head) in enumerate(zip(blocks, heads)):\n"
         '            self.add_module(f"block_{i}", block)\n'
         "            if head is not None:\n"
         '                self.add_module(f"head_{i}", head)\n'
+        "        for i, chunk in enumerate(chunks):  # chunk_size=: each block on one chunk, its layers shared\n"
+        '            self.add_module(f"chunk_{i}", chunk)\n'
         "        load_tensors(self, tensors)  # tensors the step reads between blocks\n\n"
         f"{textwrap.indent(forward, '    ')}\n"
     )
@@ -103,9 +109,10 @@ def program_source(
     parts = gen or generate(lm)
     if parts.first_error() is not None:
         raise CodegenError(parts.first_error())
-    codes = [c for c in parts.blocks + parts.heads if c is not None]
+    codes = [c for c in parts.blocks + parts.heads + parts.chunks if c is not None]
     step, step_imports = step_source(lm)
-    imports, inline = _header_imports(codes, tuple(sorted(step_imports | _PROGRAM_IMPORTS)))
+    extra = _CHUNK_IMPORTS if parts.chunks else set()
+    imports, inline = _header_imports(codes, tuple(sorted(step_imports | _PROGRAM_IMPORTS | extra)))
     inputs = [
         (name, tuple(x.shape[1:]), str(x.dtype).replace("torch.", ""), _high(x))
         for name, x in zip(lm.plan.traced.input_names, example_inputs)
@@ -164,10 +171,12 @@ def program_weights(lm: LocalModel, gen: Generated) -> dict[str, Any]:
     payload["step"] = {
         n.target: getattr(step, n.target).detach()
         for n in step.graph.nodes
-        if n.op == "get_attr" and not n.target.startswith(("head_", "block_"))
+        if n.op == "get_attr" and not n.target.startswith(("head_", "block_", "chunk_"))
     }
     return payload
 
+
+_CHUNK_IMPORTS = {"from localize.codegen.restore import share", "from localize.runtime.chunks import ChunkSpec"}
 
 _PROGRAM_IMPORTS = {
     "import argparse",
@@ -205,7 +214,13 @@ def _build_source(lm: LocalModel, parts: Generated) -> str:
     if ties:
         lines.append("    # one object in the model, so one object here: tied weights, a head following a layer")
         lines += ["    " + t for t in ties]
-    lines.append('    return TrainStep(blocks, heads, weights["step"])')
+    if parts.chunks:
+        lines.append(f"    chunks = [{', '.join(c.call for c in parts.chunks)}]  # run the blocks' own layers")
+        for index, program in enumerate(lm.chunk_programs):
+            lines.append(f"    share(chunks[{index}], blocks[{index}]).chunk_spec = {program.chunk_spec!r}")
+        lines.append('    return TrainStep(blocks, heads, weights["step"], chunks)')
+    else:
+        lines.append('    return TrainStep(blocks, heads, weights["step"])')
     return "\n".join(lines) + "\n\n\n"
 
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from localize.errors import LocalizeError
 
-__all__ = ["ref", "restore", "load_tensors", "tie", "mirror"]
+__all__ = ["ref", "restore", "load_tensors", "tie", "mirror", "share"]
 
 TensorSpec = tuple[tuple[int, ...], torch.dtype, bool]  # shape, dtype, requires_grad (or persistent)
 
@@ -120,3 +120,17 @@ def mirror(children: dict[str, nn.Module | torch.Tensor]) -> nn.Module:
         else:
             holder.add_module(name, child)
     return root
+
+
+def share(target: nn.Module, source: nn.Module) -> nn.Module:
+    """Make ``target``'s children and direct tensors *be* ``source``'s of the same name: a chunk
+    program runs its block's very layers (one set of weights, trained by the block's optimizer)."""
+    for name in list(target._modules):
+        if name in source._modules:
+            target._modules[name] = source._modules[name]
+    for table in ("_parameters", "_buffers"):
+        mine, theirs = getattr(target, table), getattr(source, table)
+        for name in list(mine):
+            if name in theirs:
+                mine[name] = theirs[name]
+    return target

@@ -240,6 +240,8 @@ def localize_file(
     accumulate: int = 1,
     autocast: str | None = None,
     scheduler: Callable[[Any], Any] | None = None,
+    chunk_size: int | None = None,
+    chunk_keep: float = 1.0,
 ) -> tuple[Any, tuple[torch.Tensor, ...]]:
     """The compile step of the CLI and the distributed launcher: seed, build the model, transform it.
 
@@ -265,13 +267,16 @@ def localize_file(
         accumulate=accumulate,
         autocast=autocast,
         scheduler=scheduler,
+        chunk_size=chunk_size,
+        chunk_keep=chunk_keep,
     )
     return lm, example
 
 
 def training_options(args: Any, mf: ModelFile, train: Any = None) -> dict[str, Any]:
     """``transform``'s training-loop options from the command line's ``--clip``, ``--accumulate``,
-    ``--amp``, ``--schedule`` and ``--warmup`` (the CLI and the distributed launcher share them).
+    ``--amp``, ``--schedule``, ``--warmup``, ``--chunk-size`` and ``--chunk-keep`` (the CLI and the
+    distributed launcher share them).
 
     A schedule runs over every update of the run: ``--epochs`` times the training batches, divided
     by ``--accumulate``; ``train`` is the training split when the caller has it (else it is read).
@@ -298,4 +303,6 @@ def training_options(args: Any, mf: ModelFile, train: Any = None) -> dict[str, A
         "accumulate": accumulate,
         "autocast": getattr(args, "amp", None),
         "scheduler": scheduler,
+        "chunk_size": getattr(args, "chunk_size", None),
+        "chunk_keep": getattr(args, "chunk_keep", 1.0),
     }

@@ -19,7 +19,7 @@ from localize.errors import TraceError
 __all__ = ["_clean_export_path", "_trace_export"]
 
 
-def _trace_export(model, sig, example_inputs, example_kwargs, fx_error) -> Traced:
+def _trace_export(model, sig, example_inputs, example_kwargs, fx_error, seq_dim: int | None = None) -> Traced:
     kwargs = dict(example_kwargs)
     notes = [f"torch.fx could not capture the model ({_first_line(fx_error)}); used torch.export"]
     if "use_cache" in sig.parameters and "use_cache" not in kwargs:
@@ -28,13 +28,15 @@ def _trace_export(model, sig, example_inputs, example_kwargs, fx_error) -> Trace
     args = tuple(example_inputs)
     # a dynamic batch dimension, so the traced batch size does not fix the training one
     bound_all = sig.bind_partial(*args, **kwargs).arguments
-    dynamic = {
-        name: pytree.tree_map(
-            lambda v: {0: torch.export.Dim.AUTO} if isinstance(v, torch.Tensor) and v.dim() > 0 else None,
-            value,
-        )
-        for name, value in bound_all.items()
-    }
+    def dims(v: Any) -> dict[int, Any] | None:
+        if not isinstance(v, torch.Tensor) or v.dim() == 0:
+            return None
+        out = {0: torch.export.Dim.AUTO}
+        if seq_dim is not None and -v.dim() <= seq_dim < v.dim():  # chunks: any sequence length too
+            out[seq_dim % v.dim()] = torch.export.Dim.AUTO
+        return out
+
+    dynamic = {name: pytree.tree_map(dims, value) for name, value in bound_all.items()}
     def export(training: bool) -> fx.GraphModule:
         was_training = model.training
         model.train(training)

@@ -38,8 +38,12 @@ def trace(
     model: torch.nn.Module,
     example_inputs: tuple | None = None,
     example_kwargs: dict[str, Any] | None = None,
+    seq_dim: int | None = None,
 ) -> Traced:
     """Capture ``model`` as a flat GraphModule (fx first, non-strict ``torch.export`` second).
+
+    With ``seq_dim`` (chunking along the sequence), an export keeps that dim of the inputs dynamic
+    too, so the graph runs on any sequence length (fx graphs always do).
 
     Example:
         >>> import torch, localize
@@ -76,7 +80,7 @@ def trace(
             "torch.export can be tried, but it needs example inputs: pass example_inputs=(x,) to transform()"
         )
     try:
-        return _trace_export(model, sig, example_inputs or (), example_kwargs, fx_error)
+        return _trace_export(model, sig, example_inputs or (), example_kwargs, fx_error, seq_dim)
     except TraceError:
         raise
     except Exception as export_error:  # noqa: BLE001

@@ -21,13 +21,16 @@ from localize.passes.annotate_tensors import annotate_tensors, value_info
 from localize.passes.assign_blocks import assign_blocks
 from localize.passes.balance_blocks import METRICS, balance_blocks
 from localize.passes.bind_training_mode import bind_training_mode
+from localize.passes.chunk_sequence import check_chunk_programs, check_head, chunk_block
 from localize.passes.cost import Cost, annotate_costs, node_cost
 from localize.passes.find_cut_points import compute_nodes, find_cut_points
+from localize.passes.find_sequence_ops import find_sequence_ops
 from localize.passes.infer_layout import infer_layout
 from localize.passes.insert_aux_heads import insert_aux_heads
 from localize.passes.insert_gradient_cuts import insert_gradient_cuts, source_of
 from localize.passes.resolve_named_cuts import resolve_named_cuts
 from localize.passes.verify_isolation import verify_isolation
+from localize.runtime.chunks import Chunking
 from localize.runtime.loss import LossFn, cross_entropy_last_dim
 from localize.runtime.model import LocalModel, OptimizerFactory, SchedulerFactory
 from localize.runtime.ops import AUTOCAST_DTYPES
@@ -55,6 +58,9 @@ def transform(
     accumulate: int = 1,
     autocast: str | None = None,
     scheduler: SchedulerFactory | None = None,
+    chunk_size: int | None = None,
+    chunk_keep: float = 1.0,
+    seq_dim: int | None = None,
 ) -> LocalModel:
     """Turn ``model`` into a :class:`LocalModel` of ``blocks`` gradient-isolated blocks.
 
@@ -87,6 +93,13 @@ def transform(
         scheduler: a factory ``optimizer -> torch.optim.lr_scheduler.LRScheduler``, called once per
             block and stepped after each of the block's updates; e.g.
             ``localize.runtime.schedulers.lr_schedule("cosine", total=1000, warmup=50)``.
+        chunk_size: C: also cut the sequence into chunks of C positions; each block trains chunk by
+            chunk (SeCO: forward all chunks without a graph, backward them in reverse, the gradient
+            exactly the full sequence's), so only one chunk's activations are alive. Needs example
+            inputs and a causal model (:mod:`localize.passes.find_sequence_ops`). Default None.
+        chunk_keep: p <= 1: with ``chunk_size``, each chunk backpropagates with probability p and
+            compensation 1/p (SpaCO: the expected gradient is exact). Default 1.0 (every chunk).
+        seq_dim: the inputs' sequence dimension for ``chunk_size``; default 1 (batch first).
 
     Example:
         >>> import torch, localize
@@ -107,6 +120,7 @@ def transform(
     ):
         raise ConfigError(f"clip_grad_norm must be a number > 0 (or None), got {clip_grad_norm!r}")
     _check_training(accumulate, autocast, scheduler)
+    _check_chunks(chunk_size, chunk_keep, seq_dim, example_inputs, example_kwargs)
     _check_options(example_kwargs, aux_options, loss_fn, lr)
     opt_factory = _optimizer_factory(optimizer, lr)
     example_inputs = _as_tuple(example_inputs)
@@ -114,7 +128,8 @@ def transform(
     graphs: dict[str, str] = {}
 
     with _stage("trace", timings):
-        traced = trace(model, example_inputs, example_kwargs)  # fx, else non-strict export
+        seq = (1 if seq_dim is None else seq_dim) if chunk_size is not None else None
+        traced = trace(model, example_inputs, example_kwargs, seq)  # fx, else non-strict export
     gm = traced.gm
     annotated = example_inputs is not None or bool(example_kwargs)
     if not any(p.requires_grad for p in model.parameters()):
@@ -177,6 +192,13 @@ def transform(
     if annotated:
         with _stage("insert_aux_heads", timings):
             heads = _build_heads(plan)  # one head per block, shaped from the graph
+    chunking = None
+    if chunk_size is not None:
+        with _stage("find_sequence_ops", timings):
+            facts = find_sequence_ops(gm, flat, seq_dim)  # sequence dims; causal, carried or refused
+        with _stage("chunk_sequence", timings):
+            chunking = _chunk_blocks(plan, heads, facts, flat, chunk_size, chunk_keep)
+        _debug("chunk_sequence", chunking.programs[0], graphs)
     return LocalModel(
         model,
         plan,
@@ -188,6 +210,7 @@ def transform(
         accumulate=accumulate,
         autocast=autocast,
         scheduler=scheduler,
+        chunking=chunking,
         flags=flags,
         complete=_complete_lazy_plan,
     )
@@ -222,6 +245,33 @@ def _check_training(accumulate, autocast, scheduler) -> None:
             "scheduler must be a factory optimizer -> LRScheduler, e.g. "
             f"lambda opt: torch.optim.lr_scheduler.StepLR(opt, 100), got {type(scheduler).__name__}"
         )
+
+
+def _check_chunks(chunk_size, chunk_keep, seq_dim, example_inputs, example_kwargs) -> None:
+    if chunk_size is None:
+        return
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ConfigError(f"chunk_size must be an int >= 1 (positions per chunk) or None, got {chunk_size!r}")
+    if isinstance(chunk_keep, bool) or not isinstance(chunk_keep, (int, float)) or not 0 < chunk_keep <= 1:
+        raise ConfigError(f"chunk_keep must be a number in (0, 1] (1 is SeCO, less is SpaCO), got {chunk_keep!r}")
+    if seq_dim is not None and (isinstance(seq_dim, bool) or not isinstance(seq_dim, int)):
+        raise ConfigError(f"seq_dim must be an int (the inputs' sequence dimension) or None, got {seq_dim!r}")
+    if example_inputs is None and not example_kwargs:
+        raise ConfigError("chunk_size= needs example_inputs: the sequence dims are found by running the model")
+
+
+def _chunk_blocks(plan: Plan, heads, facts, flat: list[Any], chunk_size: int, chunk_keep: float) -> Chunking:
+    """One chunk program per block, checked against the block on the example; heads probed per position."""
+    programs = [chunk_block(getattr(plan.program, f"submod_{b.index}"), facts, b.index) for b in plan.blocks]
+    refs = check_chunk_programs(plan.program, programs, flat, chunk_size)
+    for b, head, program, outs in zip(plan.blocks, heads, programs, refs):
+        if head is not None and b.primary is not None:
+            slot = b.outputs.index(b.primary)
+            dim = program.chunk_spec.outputs[slot]
+            if dim is None:
+                raise PlanError(f"the activation block {b.index}'s head reads ({b.primary}) has no sequence dim")
+            check_head(head, outs[slot], dim, b.index, plan.aux)
+    return Chunking(chunk_size, float(chunk_keep), programs)
 
 
 def _check_options(example_kwargs, aux_options, loss_fn, lr) -> None:

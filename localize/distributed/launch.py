@@ -298,6 +298,11 @@ def load_local_model(
     mf = load_model_file(spec)
     if training is not None:
         options = training_options(training, mf) | options
+    if options.get("chunk_size") is not None:
+        raise ConfigError(
+            "--chunk-size trains in one process for now: a distributed stage does not carry chunk states; "
+            "drop --distributed or --chunk-size"
+        )
     lm, _ = localize_file(
         mf,
         blocks=blocks,

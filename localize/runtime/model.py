@@ -21,6 +21,7 @@ from localize.passes.build_step_graph import build_step_graph, schedule_of
 from localize.passes.cost import params_of
 from localize.passes.find_cut_points import compute_nodes
 from localize.runtime import checkpoint
+from localize.runtime.chunks import Chunking
 from localize.runtime.loss import LossFn
 from localize.runtime.ops import (
     LossContext,
@@ -92,6 +93,7 @@ class LocalModel(nn.Module):
         accumulate: int = 1,
         autocast: str | None = None,
         scheduler: SchedulerFactory | None = None,
+        chunking: Chunking | None = None,
         flags: list[nn.Module] | None = None,
         complete: Callable[[LocalModel, list[Any]], None] | None = None,
     ) -> None:
@@ -104,6 +106,7 @@ class LocalModel(nn.Module):
         self.clip_grad_norm = clip_grad_norm
         self.accumulate = accumulate
         self.autocast = autocast
+        self.chunking = chunking
         self.step_count = 0
         self._optimizer_factory = optimizer
         self._scheduler_factory = scheduler
@@ -180,8 +183,15 @@ class LocalModel(nn.Module):
                 accumulate=self.accumulate,
                 autocast=self.autocast,
                 scheduler=self._scheduler_factory is not None,
+                chunking=self.chunking,
             )
         return self._steps[key]
+
+    @property
+    def chunk_programs(self) -> list[fx.GraphModule]:
+        """With ``chunk_size=``: each block's chunk program (the block on one chunk of the sequence,
+        with the states it carries; :mod:`localize.passes.chunk_sequence`), else empty."""
+        return list(self.chunking.programs) if self.chunking is not None else []
 
     @property
     def step_program(self) -> fx.GraphModule:
@@ -250,6 +260,8 @@ class LocalModel(nn.Module):
         super()._apply(fn, recurse)
         for block in self.blocks:
             block.module._apply(fn, recurse)
+        for chunked in self.chunk_programs:
+            chunked._apply(fn, recurse)
         self._retie()
         return self
 

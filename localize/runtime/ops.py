@@ -68,6 +68,7 @@ __all__ = [
     "optimizer_step",
     "run_step",
     "scheduler_step",
+    "start_backward",
     "update_due",
 ]
 
@@ -238,15 +239,26 @@ def backward(state: StepState, block: int, loss: torch.Tensor, accumulate: int =
     """
     value = float(loss.detach())
     if math.isfinite(value):
-        optimizer = state.optimizers[block]
-        if optimizer is not None and state.pending == 0:
-            optimizer.zero_grad(set_to_none=True)
+        scale = start_backward(state, block, accumulate)
         if loss.requires_grad:
-            if accumulate != 1:
-                loss = loss / accumulate
-            scaler = state.scalers[block] if state.scalers else None
-            (scaler.scale(loss) if scaler is not None else loss).backward()
+            scale(loss).backward()
     return value
+
+
+def start_backward(state: StepState, block: int, accumulate: int = 1) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Zero the block's gradients at the start of an accumulation cycle; return what a loss is
+    multiplied by before backward (1/``accumulate``, then the block's ``GradScaler``)."""
+    optimizer = state.optimizers[block]
+    if optimizer is not None and state.pending == 0:
+        optimizer.zero_grad(set_to_none=True)
+    scaler = state.scalers[block] if state.scalers else None
+
+    def scale(loss: torch.Tensor) -> torch.Tensor:
+        if accumulate != 1:
+            loss = loss / accumulate
+        return scaler.scale(loss) if scaler is not None else loss
+
+    return scale
 
 
 def check_loss(state: StepState, block: int, value: float) -> float:

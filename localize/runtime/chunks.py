@@ -1,0 +1,319 @@
+"""Chunk-wise training along the sequence: SeCO (exact) and SpaCO (sparse, unbiased).
+
+A chunked block runs as a *chunk program* (:mod:`localize.passes.chunk_sequence`): the block's graph
+on positions ``[s, s + C)``, with the states earlier chunks carry in (attention keys and values,
+recurrent hidden states, running sums, left context) and the states it carries out. The step graph
+calls two ops for such a block instead of the block and its loss:
+
+* :func:`chunk_forward` runs every chunk without a graph, keeping only the carried states (and the
+  RNG state each chunk started from, so dropout replays). Its outputs, joined along the sequence,
+  are the block's outputs: the next block reads them as it reads any block's.
+* :func:`chunk_backward` walks the chunks in reverse. Chunk ``c`` is recomputed with its carried-in
+  states as leaves that require grad; it backpropagates its share of the loss plus the gradients
+  later chunks sent into the states it carried out, which leaves the gradients of its carried-in
+  states for chunk ``c - 1``. Each chunk's loss is weighted by its share of the counted targets
+  (``ignore_index`` excluded), so the sum is the full sequence's mean loss and the gradient is
+  exactly full-sequence backprop's (SeCO, ``keep=1``).
+
+With ``keep=p < 1`` (SpaCO) each chunk backpropagates with probability ``p``, independently; a kept
+chunk scales everything it backpropagates (its loss and the gradients it was sent) by ``1/p``. By
+induction from the last chunk, every gradient a chunk receives is an unbiased estimate of the exact
+one, so the expected gradient is exact; its variance grows with ``(1 - p) / p`` per chunk a gradient
+path crosses. Only the chunks kept pay for a backward pass.
+
+Only one chunk's activations are alive at a time; the carried states (for attention: the keys and
+values of the whole sequence, as in a KV cache) and their gradients are what grows with T.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from localize.runtime.ops import AUTOCAST_DTYPES, StepState, start_backward
+
+__all__ = [
+    "ChunkPass",
+    "Chunking",
+    "ChunkSpec",
+    "attend",
+    "chunk_backward",
+    "chunk_forward",
+    "chunk_outputs",
+    "cumsum",
+    "extend",
+    "keep_mask",
+    "last",
+    "left_context",
+    "offset_slice",
+    "pair",
+    "run_chunks",
+]
+
+
+@dataclass(frozen=True)
+class ChunkSpec:
+    """How a chunk program reads and writes the sequence.
+
+    ``inputs`` / ``outputs``: the sequence dim (negative) of each block input / output, None for a
+    value that is not a sequence. ``states``: per carried state, ``"append"`` (attention keys or
+    values: a chunk reads every earlier chunk's, joined along dim -2) or ``"carry"`` (it reads the
+    previous chunk's only).
+    """
+
+    inputs: tuple[int | None, ...]
+    outputs: tuple[int | None, ...]
+    states: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Chunking:
+    """``transform(chunk_size=, chunk_keep=)``: the chunk length, the SpaCO keep rate, one chunk
+    program per block."""
+
+    size: int
+    keep: float
+    programs: list[Any]
+
+
+@dataclass
+class ChunkPass:
+    """What :func:`chunk_forward` leaves for :func:`chunk_backward`."""
+
+    size: int
+    length: int
+    inputs: tuple
+    outputs: tuple
+    states: list[list[torch.Tensor | None]]  # [chunk][state]
+    rng: list[tuple[torch.Tensor, list[torch.Tensor]]] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------ ops inside chunk programs
+
+
+def extend(past: torch.Tensor | None, own: torch.Tensor, dim: int) -> torch.Tensor:
+    """Earlier chunks' keys (or values) followed by this chunk's."""
+    return own if past is None else torch.cat([past.to(own.dtype), own], dim=dim)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+           scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+    """Causal attention of this chunk's queries over all keys so far: query ``i`` of a chunk that
+    starts at ``s`` sees keys ``0 .. s + i``, as position ``s + i`` does in the whole sequence."""
+    extra = {"enable_gqa": True} if enable_gqa else {}
+    n, total = q.size(-2), k.size(-2)
+    if total == n:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale, **extra)
+    mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(total - n)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale, **extra)
+
+
+def cumsum(x: torch.Tensor, dim: int, carry: torch.Tensor | None, **kwargs: Any) -> torch.Tensor:
+    """``cumsum`` along the sequence, continued from the previous chunk's last total."""
+    out = torch.cumsum(x, dim, **kwargs)
+    return out if carry is None else out + carry
+
+
+def left_context(x: torch.Tensor, pad: tuple[int, ...], dim: int, carry: torch.Tensor | None) -> torch.Tensor:
+    """``F.pad(x, pad)`` whose left padding along ``dim`` is the previous chunk's last positions."""
+    if carry is None:
+        return F.pad(x, pad)
+    k = -dim - 1
+    rest = list(pad)
+    rest[2 * k] = 0
+    return torch.cat([carry, F.pad(x, tuple(rest))], dim=dim)
+
+
+def last(x: torch.Tensor, dim: int, width: int) -> torch.Tensor:
+    """The last ``width`` positions along ``dim`` (what the next chunk is carried)."""
+    return x.narrow(dim, x.size(dim) - width, width)
+
+
+def pair(*states: torch.Tensor | None) -> tuple | None:
+    """An LSTM's (h, c) from two carried states; None before the first chunk."""
+    return None if states[0] is None else tuple(states)
+
+
+def offset_slice(table: torch.Tensor, index: Any, axis: int, offset: int) -> torch.Tensor:
+    """``table[index]`` with the slice at ``axis`` moved to start at ``offset``."""
+    parts = list(index) if isinstance(index, tuple) else [index]
+    s = parts[axis]
+    parts[axis] = slice(offset + (s.start or 0), offset + s.stop, s.step)
+    return table[tuple(parts)]
+
+
+# ------------------------------------------------------------------------------------------ the schedule
+
+
+def _chunk_inputs(spec: ChunkSpec, inputs: tuple, start: int, size: int) -> list:
+    return [
+        x.narrow(d, start, min(size, x.size(d) - start)) if d is not None and isinstance(x, torch.Tensor) else x
+        for x, d in zip(inputs, spec.inputs)
+    ]
+
+
+def _carried(spec: ChunkSpec, states: list[list[Any]], c: int) -> tuple:
+    out = []
+    for s, kind in enumerate(spec.states):
+        if c == 0:
+            out.append(None)
+        elif kind == "append":
+            earlier = [states[i][s] for i in range(c)]
+            out.append(earlier[0] if len(earlier) == 1 else torch.cat(earlier, dim=-2))
+        else:
+            out.append(states[c - 1][s])
+    return tuple(out)
+
+
+def _rng_state(inputs: tuple) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    cuda = sorted({x.device.index or 0 for x in inputs if isinstance(x, torch.Tensor) and x.is_cuda})
+    return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in cuda]
+
+
+def _replay(rng: tuple[torch.Tensor, list[torch.Tensor]], inputs: tuple):
+    cuda = sorted({x.device.index or 0 for x in inputs if isinstance(x, torch.Tensor) and x.is_cuda})
+    fork = torch.random.fork_rng(devices=cuda)
+
+    class _Ctx:
+        def __enter__(self) -> None:
+            fork.__enter__()
+            torch.set_rng_state(rng[0])
+            for d, s in zip(cuda, rng[1]):
+                torch.cuda.set_rng_state(s, d)
+
+        def __exit__(self, *exc: Any) -> None:
+            fork.__exit__(*exc)
+
+    return _Ctx()
+
+
+def run_chunks(program: nn.Module, spec: ChunkSpec, size: int, inputs: tuple, keep_rng: bool = False) -> ChunkPass:
+    """Run ``program`` chunk by chunk without a graph; the outputs joined along the sequence."""
+    dims = [d for x, d in zip(inputs, spec.inputs) if d is not None]
+    first = next(x for x, d in zip(inputs, spec.inputs) if d is not None)
+    length = first.size(dims[0])
+    done = ChunkPass(size, length, tuple(inputs), (), [])
+    pieces: list[list[Any]] = []
+    with torch.no_grad():
+        for c, start in enumerate(range(0, length, size)):
+            if keep_rng:
+                done.rng.append(_rng_state(inputs))
+            outs, states = program(start, _carried(spec, done.states, c), *_chunk_inputs(spec, inputs, start, size))
+            done.states.append(list(states))
+            pieces.append(list(outs))
+    joined = []
+    for i, d in enumerate(spec.outputs):
+        column = [p[i] for p in pieces]
+        joined.append(torch.cat(column, dim=d) if d is not None else column[-1])
+    done.outputs = tuple(joined)
+    return done
+
+
+def chunk_forward(state: StepState, block: int, program: nn.Module, size: int, *inputs: Any) -> ChunkPass:
+    """F of a chunked block: all chunks of ``size`` positions without a graph."""
+    return run_chunks(program, program.chunk_spec, size, inputs, keep_rng=True)
+
+
+def chunk_outputs(state: StepState, block: int, done: ChunkPass) -> tuple:
+    """The block's outputs over the whole sequence (what later blocks read)."""
+    return done.outputs
+
+
+def _count(target: torch.Tensor, ignore_index: int) -> int:
+    """How many targets the loss averages over: positions whose class is not ``ignore_index``."""
+    if target.is_floating_point():
+        return target.numel() // max(1, target.size(-1))
+    return int((target != ignore_index).sum())
+
+
+def keep_mask(n: int, keep: float) -> list[bool]:
+    """SpaCO's draw: which of ``n`` chunks backpropagate, each with probability ``keep``, independently
+    (from torch's global generator, so ``torch.manual_seed`` makes it repeatable)."""
+    return (torch.rand(n) < keep).tolist()
+
+
+def chunk_backward(
+    state: StepState,
+    block: int,
+    program: nn.Module,
+    done: ChunkPass,
+    head: nn.Module | None,
+    target: torch.Tensor,
+    slot: int,
+    accumulate: int = 1,
+    autocast: str | None = None,
+    keep: float = 1.0,
+) -> float:
+    """L of a chunked block: the loss of the whole sequence, backpropagated chunk by chunk in reverse
+    (SeCO), or through a random subset of chunks with compensation (SpaCO, ``keep < 1``).
+
+    Returns the loss over the whole sequence (every chunk's, kept or not); a non-finite loss is not
+    backpropagated, as in :func:`localize.runtime.ops.backward`.
+    """
+    spec: ChunkSpec = program.chunk_spec
+    out_dim = spec.outputs[slot]
+    ignore = getattr(state.loss_fn, "ignore_index", -100)
+    starts = list(range(0, done.length, done.size))
+    n = len(starts)
+    feature_full = done.outputs[slot]
+    tdim = (feature_full.dim() + out_dim) if out_dim < 0 else out_dim  # leading dims are shared
+
+    def pred_of(feature: torch.Tensor) -> torch.Tensor:
+        return feature if head is None else head(feature)
+
+    def target_of(start: int, size: int) -> torch.Tensor:
+        return target.narrow(tdim, start, size) if target.dim() > tdim else target
+
+    def amp() -> Any:
+        return torch.autocast(state.device_type, dtype=AUTOCAST_DTYPES[autocast]) if autocast else nullcontext()
+
+    total = _count(target, ignore)
+    weights, values = [], []
+    with torch.no_grad():  # the value of every chunk first: a non-finite loss backpropagates nothing
+        for start in starts:
+            size = min(done.size, done.length - start)
+            t = target_of(start, size)
+            w = _count(t, ignore) / total if total > 0 else 0.0
+            weights.append(w)
+            with amp():
+                loss = state.loss_fn(pred_of(feature_full.narrow(out_dim, start, size)), t)
+            values.append(float(loss) * w if w > 0 else 0.0)
+    value = math.fsum(values)
+    if not math.isfinite(value):
+        return value
+    scale = start_backward(state, block, accumulate)
+    kept = [True] * n if keep >= 1.0 else keep_mask(n, keep)
+    comp = 1.0 if keep >= 1.0 else 1.0 / keep
+    leaves = [
+        [s.detach().requires_grad_(s.is_floating_point()) if s is not None else None for s in row]
+        for row in done.states
+    ]
+    for c in reversed(range(n)):
+        grads_in = [leaf.grad if leaf is not None else None for leaf in leaves[c]]
+        for leaf in leaves[c]:
+            if leaf is not None:
+                leaf.grad = None  # this chunk's carried-out gradients are consumed now
+        if not kept[c] or (weights[c] == 0.0 and all(g is None for g in grads_in)):
+            continue
+        start = starts[c]
+        size = min(done.size, done.length - start)
+        with _replay(done.rng[c], done.inputs) if done.rng else nullcontext(), amp():
+            outs, states = program(start, _carried(spec, leaves, c), *_chunk_inputs(spec, done.inputs, start, size))
+            loss = state.loss_fn(pred_of(outs[slot]), target_of(start, size))
+        roots, grads = [], []
+        if weights[c] > 0.0 and loss.requires_grad:
+            roots.append(scale(loss * (weights[c] * comp)))
+            grads.append(None)
+        for own, g in zip(states, grads_in):
+            if g is not None and own is not None and own.requires_grad:
+                roots.append(own)
+                grads.append(g * comp if comp != 1.0 else g)
+        if roots:
+            torch.autograd.backward(roots, grads)
+    return value

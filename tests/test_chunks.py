@@ -1,0 +1,386 @@
+"""Chunk-wise training along the sequence (SeCO / SpaCO), against full-sequence backprop.
+
+The reference is always plain autograd on the whole sequence: K=1 with chunks must give its
+gradient exactly (float64), K=2 with chunks the unchunked K=2 step's, SpaCO's expectation (every
+keep pattern weighted by its probability) the exact gradient.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import localize
+from localize.errors import ConfigError, PlanError
+from localize.runtime import chunks
+from localize.zoo import GPT, EncoderLayer
+
+VOCAB = 13
+
+
+def _sgd0(params):
+    return torch.optim.SGD(params, lr=0.0)  # keeps the gradients of the step for the test to read
+
+
+def _grads(model: nn.Module) -> list[torch.Tensor]:
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+
+
+def _backprop_grads(model: nn.Module, ids: torch.Tensor, target: torch.Tensor) -> list[torch.Tensor]:
+    model.zero_grad()
+    logits = model(ids)
+    F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1)).backward()
+    return _grads(model)
+
+
+def _assert_close(got: list[torch.Tensor], want: list[torch.Tensor], tol: float = 1e-10) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=tol, rtol=0), float((g - w).abs().max())
+
+
+class LSTMLM(nn.Module):
+    def __init__(self, kind: type = nn.LSTM) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.rnn = kind(8, 12, num_layers=2, batch_first=True)
+        self.head = nn.Linear(12, VOCAB)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(self.embed(ids))
+        return self.head(out)
+
+
+class CausalConvLM(nn.Module):
+    """Left-padded convolutions and a running mean (cumsum over arange-derived counts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.conv1 = nn.Conv1d(8, 8, 3)
+        self.conv2 = nn.Conv1d(8, 8, 2, dilation=2)
+        self.head = nn.Linear(16, VOCAB)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids).transpose(1, 2)  # (B, C, T): the sequence is dim -1 here
+        x = torch.relu(self.conv1(F.pad(x, (2, 0))))
+        x = torch.relu(self.conv2(F.pad(x, (2, 0)))).transpose(1, 2)
+        count = torch.arange(ids.size(1), device=ids.device) + 1
+        mean = x.cumsum(1) / count[:, None]
+        return self.head(torch.cat([x, mean], dim=-1))
+
+
+def _data(batch: int = 2, length: int = 11, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (batch, length), generator=g), torch.randint(0, VOCAB, (batch, length), generator=g)
+
+
+MODELS = {
+    "gpt": lambda: GPT(vocab_size=VOCAB, block_size=32, dim=16, depth=2, heads=2),
+    "lstm": lambda: LSTMLM(nn.LSTM),
+    "gru": lambda: LSTMLM(nn.GRU),
+    "conv": CausalConvLM,
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("chunk", [1, 4, 11, 20])
+def test_k1_chunks_equal_full_sequence_backprop(name: str, chunk: int) -> None:
+    torch.manual_seed(0)
+    model = MODELS[name]().double()
+    ref = copy.deepcopy(model)
+    ids, target = _data()
+    lm = localize.transform(model, blocks=1, example_inputs=(ids,), optimizer=_sgd0, chunk_size=chunk)
+    (loss,) = lm.train_step(ids, target)
+    want = _backprop_grads(ref, ids, target)
+    _assert_close(_grads(model), want)
+    full = F.cross_entropy(ref(ids).reshape(-1, VOCAB), target.reshape(-1))
+    assert loss == pytest.approx(float(full.detach()), rel=1e-12)
+    with torch.no_grad():  # inference is the original model's
+        assert torch.equal(lm(ids), model(ids))
+
+
+def test_ignore_index_is_respected_across_chunks() -> None:
+    torch.manual_seed(1)
+    model = MODELS["gpt"]().double()
+    ref = copy.deepcopy(model)
+    ids, target = _data(length=12)
+    target[0, :7] = -100  # the first chunks of one row count nothing
+    target[1, 10] = -100
+    lm = localize.transform(model, blocks=1, example_inputs=(ids,), optimizer=_sgd0, chunk_size=3)
+    lm.train_step(ids, target)
+    _assert_close(_grads(model), _backprop_grads(ref, ids, target))
+
+
+@pytest.mark.parametrize("aux", ["linear", "dgl"])
+def test_chunked_blocks_equal_unchunked_local_learning(aux: str) -> None:
+    """K=2: each block's chunked local gradient (its aux loss too) equals the unchunked step's."""
+    ids, target = _data(length=10)
+    torch.manual_seed(2)
+    model = MODELS["gpt"]().double()
+    twin = copy.deepcopy(model)
+    torch.manual_seed(3)
+    plain = localize.transform(twin, blocks=2, example_inputs=(ids,), aux=aux, optimizer=_sgd0).double()
+    torch.manual_seed(3)
+    chunked = localize.transform(
+        model, blocks=2, example_inputs=(ids,), aux=aux, optimizer=_sgd0, chunk_size=3
+    ).double()
+    chunked.aux.load_state_dict(plain.aux.state_dict())
+    assert chunked.train_step(ids, target) == pytest.approx(plain.train_step(ids, target), rel=1e-12)
+    _assert_close(_grads(model), _grads(twin))
+    _assert_close(_grads(chunked.aux), _grads(plain.aux))
+
+
+def test_spaco_expected_gradient_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every keep pattern of 3 chunks, weighted by its probability, averages to the exact gradient."""
+    p = 0.4
+    ids, target = _data(length=9)
+    torch.manual_seed(4)
+    base = MODELS["gpt"]().double()
+    want = _backprop_grads(copy.deepcopy(base), ids, target)
+    expected = [torch.zeros_like(w) for w in want]
+    for mask in itertools.product([True, False], repeat=3):
+        model = copy.deepcopy(base)
+        lm = localize.transform(model, blocks=1, example_inputs=(ids,), optimizer=_sgd0, chunk_size=3, chunk_keep=p)
+        monkeypatch.setattr(chunks, "keep_mask", lambda n, keep, mask=mask: list(mask))
+        lm.train_step(ids, target)
+        prob = 1.0
+        for kept in mask:
+            prob *= p if kept else 1 - p
+        for e, g in zip(expected, _grads(model)):
+            e += prob * g
+    _assert_close(expected, want)
+    # and a single draw is not the exact gradient: SpaCO does skip work
+    monkeypatch.setattr(chunks, "keep_mask", lambda n, keep: [False, True, False])
+    model = copy.deepcopy(base)
+    localize.transform(model, blocks=1, example_inputs=(ids,), optimizer=_sgd0, chunk_size=3, chunk_keep=p).train_step(
+        ids, target
+    )
+    assert not all(torch.allclose(g, w) for g, w in zip(_grads(model), want))
+
+
+class DropoutLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gpt = GPT(vocab_size=VOCAB, block_size=32, dim=16, depth=1, heads=2)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.gpt.lm_head(self.drop(self.gpt.norm(self.gpt.layers[0](self.gpt.tok_embed(ids)))))
+
+
+def test_dropout_replays_in_the_recomputed_chunks() -> None:
+    """With dropout, the backward recomputation sees the forward's masks: the gradient equals autograd
+    through one graph of the same chunks drawn in the same order."""
+    ids, target = _data(length=8)
+    torch.manual_seed(5)
+    model = DropoutLM().double()
+    twin = copy.deepcopy(model)
+    lm = localize.transform(model, blocks=1, example_inputs=(ids,), optimizer=_sgd0, chunk_size=3)
+    program = localize.transform(
+        twin, blocks=1, example_inputs=(ids,), optimizer=_sgd0, chunk_size=3
+    ).chunk_programs[0]
+    lm.train()
+    program.train()
+    torch.manual_seed(6)
+    lm.train_step(ids, target)
+    torch.manual_seed(6)
+    spec, states, loss = program.chunk_spec, [], 0.0
+    for c, start in enumerate(range(0, 8, 3)):
+        carried = chunks._carried(spec, states, c)
+        (out,), own = program(start, carried, ids[:, start : start + 3])
+        states.append(list(own))
+        loss = loss + F.cross_entropy(out.reshape(-1, VOCAB), target[:, start : start + 3].reshape(-1), reduction="sum")
+    (loss / target.numel()).backward()
+    _assert_close(_grads(model), _grads(twin))
+
+
+def test_training_options_compose_with_chunks() -> None:
+    """accumulate=2 with chunks equals one step on the joined batch; bf16 autocast runs and learns."""
+    ids, target = _data(batch=4, length=8)
+    torch.manual_seed(7)
+    model = MODELS["gpt"]().double()
+    twin = copy.deepcopy(model)
+    acc = localize.transform(
+        model, blocks=2, example_inputs=(ids,), aux="linear", optimizer=_sgd0, chunk_size=3, accumulate=2
+    ).double()
+    one = localize.transform(
+        twin, blocks=2, example_inputs=(ids,), aux="linear", optimizer=_sgd0, chunk_size=5
+    ).double()
+    one.aux.load_state_dict(acc.aux.state_dict())
+    acc.train_step(ids[:2], target[:2])
+    acc.train_step(ids[2:], target[2:])
+    one.train_step(ids, target)
+    _assert_close(_grads(model), _grads(twin))
+    torch.manual_seed(8)
+    lm = localize.transform(MODELS["gpt"](), blocks=2, example_inputs=(ids,), aux="linear", lr=3e-3, chunk_size=3,
+                            autocast="bf16")
+    first = lm.train_step(ids, target)
+    for _ in range(30):
+        last = lm.train_step(ids, target)
+    assert last[-1] < first[-1]
+
+
+def test_step_program_shows_the_chunk_ops() -> None:
+    ids, _ = _data()
+    lm = localize.transform(MODELS["gpt"](), blocks=2, example_inputs=(ids,), aux="linear", chunk_size=4)
+    code = lm.step_program.code
+    assert "chunk_forward(state, 0, chunk_0, 4, idx)" in code and "chunk_backward(state, 1, chunk_1" in code
+    assert [p.chunk_spec.states for p in lm.chunk_programs] == [("append", "append"), ("append", "append")]
+
+
+# ------------------------------------------------------------------------------------------ refusals
+
+
+class Pooled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.head = nn.Linear(8, VOCAB)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        return self.head(x - x.mean(1, keepdim=True))
+
+
+class Centred(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.conv = nn.Conv1d(8, VOCAB, 3, padding=1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.embed(ids).transpose(1, 2)).transpose(1, 2)
+
+
+class Bidirectional(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.layer = EncoderLayer(8, 2)
+        self.head = nn.Linear(8, VOCAB)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer(self.embed(ids)))
+
+
+class ExplicitScores(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.head = nn.Linear(8, VOCAB)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        scores = (x @ x.transpose(1, 2)).softmax(-1)
+        return self.head(scores @ x)
+
+
+class ShiftLeft(nn.Module):
+    """Reads the next position: position-shaped, but not causal."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.head = nn.Linear(8, VOCAB)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(ids).roll(-1, dims=1))
+
+
+@pytest.mark.parametrize(
+    "model, words",
+    [
+        (Pooled(), "reduces over the sequence"),
+        (Centred(), "reads later positions"),
+        (Bidirectional(), "bidirectional attention"),
+        (ExplicitScores(), "2 sequence dims"),
+        (ShiftLeft(), "reads later positions"),
+    ],
+)
+def test_non_causal_models_are_refused_naming_the_op(model: nn.Module, words: str) -> None:
+    ids, _ = _data()
+    with pytest.raises(PlanError, match=words):
+        localize.transform(model, blocks=1, example_inputs=(ids,), chunk_size=4)
+
+
+def test_bidirectional_rnn_is_refused() -> None:
+    model = LSTMLM()
+    model.rnn = nn.LSTM(8, 6, batch_first=True, bidirectional=True)
+    model.head = nn.Linear(12, VOCAB)
+    with pytest.raises(PlanError, match="rnn .LSTM. is bidirectional"):
+        localize.transform(model, blocks=1, example_inputs=(_data()[0],), chunk_size=4)
+
+
+def test_bad_chunk_options_and_heads_are_refused() -> None:
+    ids, _ = _data()
+    gpt = MODELS["gpt"]()
+    for kwargs, words in [
+        ({"chunk_size": 0}, "chunk_size must be an int >= 1"),
+        ({"chunk_size": 4, "chunk_keep": 0.0}, "chunk_keep must be a number in"),
+        ({"chunk_size": 4, "seq_dim": "1"}, "seq_dim must be an int"),
+    ]:
+        with pytest.raises(ConfigError, match=words):
+            localize.transform(gpt, blocks=2, example_inputs=(ids,), **kwargs)
+    with pytest.raises(ConfigError, match="needs example_inputs"):
+        localize.transform(gpt, blocks=2, chunk_size=4)
+    with pytest.raises(ConfigError, match="mixes positions"):
+        localize.transform(gpt, blocks=2, example_inputs=(ids,), aux="readout", chunk_size=4)
+
+
+# ------------------------------------------------------------------------------------ Hugging Face
+
+
+def _hf(name: str) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    if name == "llama":  # rotary positions, grouped-query attention, an exported causal mask
+        config = transformers.LlamaConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64,
+        )
+        return transformers.LlamaForCausalLM(config)
+    config = transformers.GPT2Config(  # learned positions
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0,
+        attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
+    )
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(ids).logits
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_hugging_face_causal_lms_chunk_exactly(name: str) -> None:
+    """torch.export graphs (the sequence kept dynamic): K=1 chunks give full-sequence backprop's gradient,
+    K=2 chunks the unchunked K=2 step's; the model's own causal mask is recognised and replaced."""
+    ids, target = _data(length=12)
+    torch.manual_seed(9)
+    model = _hf(name).double()
+    ref, twin = copy.deepcopy(model), copy.deepcopy(model)
+    lm = localize.transform(model, blocks=1, example_inputs=(ids,), optimizer=_sgd0, chunk_size=5)
+    assert lm.plan.traced.method == "export"
+    lm.train_step(ids, target)
+    F.cross_entropy(_logits(ref, ids).reshape(-1, VOCAB), target.reshape(-1)).backward()
+    _assert_close(_grads(model), _grads(ref))
+    torch.manual_seed(10)
+    plain = localize.transform(ref, blocks=2, example_inputs=(ids,), aux="linear", optimizer=_sgd0).double()
+    torch.manual_seed(10)
+    chunked = localize.transform(twin, blocks=2, example_inputs=(ids,), aux="linear", optimizer=_sgd0,
+                                 chunk_size=5).double()
+    chunked.aux.load_state_dict(plain.aux.state_dict())
+    assert chunked.train_step(ids, target) == pytest.approx(plain.train_step(ids, target), rel=1e-12)
+    _assert_close(_grads(twin), _grads(ref))
+
+
+def test_a_padding_mask_is_refused() -> None:
+    ids, _ = _data(length=12)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with pytest.raises(PlanError, match="2 sequence dims .* a mask read from the inputs, e.g. padding"):
+        localize.transform(_hf("llama"), blocks=1, example_inputs=(ids, mask), chunk_size=4)
