@@ -382,5 +382,5 @@ def test_a_padding_mask_is_refused() -> None:
     ids, _ = _data(length=12)
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
-    with pytest.raises(PlanError, match="2 sequence dims .* a mask read from the inputs, e.g. padding"):
+    with pytest.raises(PlanError, match=r"2 sequence dims .*\(a mask read from the inputs, e.g. padding\)"):
         localize.transform(_hf("llama"), blocks=1, example_inputs=(ids, mask), chunk_size=4)
