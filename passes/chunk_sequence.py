@@ -54,6 +54,7 @@ def chunk_block(sub: fx.GraphModule, facts: dict[str, SeqFact], block: int) -> f
     in_dims: list[int | None] = []
     out_dims: list[int | None] = []
     lengths: list[fx.Node] = []
+    by_name = {n.name: n for n in sub.graph.nodes}
 
     def fact(node: Any) -> SeqFact:
         return facts.get(node.name, SeqFact()) if isinstance(node, fx.Node) else SeqFact()
@@ -110,6 +111,23 @@ def chunk_block(sub: fx.GraphModule, facts: dict[str, SeqFact], block: int) -> f
             keys = call(chunks.extend, past_k, k, -2)
             values = call(chunks.extend, past_v, v, -2)
             env[node] = call(chunks.attend, q, keys, values, m(a["dropout_p"]), a["scale"], bool(a["enable_gqa"]))
+        elif f.rule == "attention_matmul":
+            q_name, kt_name, v_name, scale, dropout = f.info
+            q, kt, v = (env[by_name[n]] for n in (q_name, kt_name, v_name))
+            k = graph.call_method("transpose", (kt, -2, -1))
+            slot_k, past_k = carried("append")
+            slot_v, past_v = carried("append")
+            own[slot_k], own[slot_v] = k, v
+            keys = call(chunks.extend, past_k, k, -2)
+            values = call(chunks.extend, past_v, v, -2)
+            if dropout is None:
+                rate: Any = 0.0
+            elif dropout[0] == "module":
+                rate = call(chunks.dropout_rate, graph.get_attr(dropout[1]))
+            else:
+                p, training = (fx.node.map_arg(a, lambda x: env[by_name[x.name]]) for a in dropout[1:])  # flat-graph nodes
+                rate = call(chunks.active_rate, p, training)
+            env[node] = call(chunks.attend, q, keys, values, rate, scale, False)
         elif f.rule == "recurrent":
             x = env[node.args[0]] if node.args else env[next(iter(node.kwargs.values()))]
             if isinstance(sub.get_submodule(node.target), nn.LSTM):
@@ -137,6 +155,9 @@ def chunk_block(sub: fx.GraphModule, facts: dict[str, SeqFact], block: int) -> f
             own[slot] = call(chunks.last, env[node], dim, _left(pad, dim))
         elif f.rule == "positions":
             env[node] = call(operator.add, graph.node_copy(node, env.__getitem__), offset)
+        elif f.rule == "table_narrow":
+            table, dim, _, end = node.args[:4]
+            env[node] = call(chunks.offset_narrow, env[table], dim, env[end], offset)
         elif f.rule == "table_slice":
             table, index = node.args
             env[node] = call(chunks.offset_slice, env[table], m(index), _slice_axis(index, facts, node), offset)

@@ -47,6 +47,7 @@ from torch.utils import _pytree as pytree
 
 from localize.compiler.tracer import lmeta
 from localize.errors import ConfigError, PlanError
+from localize.passes.match_attention import match_attention
 
 __all__ = ["SDPA", "SeqFact", "arange_args", "call_node", "find_sequence_ops", "moved", "pad_widths", "perturbed", "sdpa_args"]
 
@@ -64,7 +65,9 @@ class SeqFact:
 
     ``dims``: its dims that run along the sequence (negative). ``rule``: ``"static"`` (no sequence),
     ``"length"`` (a size), ``"position"`` (position-wise or a valid window), or the carried kind:
-    ``"attention"``, ``"recurrent"``, ``"cumsum"``, ``"left_pad"``, ``"positions"``, ``"table_slice"``.
+    ``"attention"``, ``"recurrent"``, ``"cumsum"``, ``"left_pad"``, ``"positions"``, ``"table_slice"``;
+    hand-written attention (:mod:`localize.passes.match_attention`) is ``"attention_region"`` up to
+    its last matmul, ``"attention_matmul"``.
     ``extra``: positions beyond T (a left pad's width); for a length, its value minus T (-1: not an int).
     """
 
@@ -72,6 +75,7 @@ class SeqFact:
     rule: str = "static"
     extra: int = 0
     content: bool = False  # depends on the inputs' values, not only on positions and lengths
+    info: tuple = ()  # hand-written attention's end: (q, kT, v) node names, scale, dropout
 
 
 def find_sequence_ops(gm: fx.GraphModule, inputs: list[Any], seq_dim: int | None = None) -> dict[str, SeqFact]:
@@ -94,8 +98,11 @@ def find_sequence_ops(gm: fx.GraphModule, inputs: list[Any], seq_dim: int | None
                 ) from None
             facts: dict[str, SeqFact] = {}
             live = _live(gm)
+            region: dict[str, SeqFact] = {}  # hand-written attention found ahead of its nodes
             for node in gm.graph.nodes:
-                if node.op not in ("placeholder", "output") and node not in live:
+                if node.name in region:
+                    facts[node.name] = region.pop(node.name)
+                elif node.op not in ("placeholder", "output") and node not in live:
                     facts[node.name] = SeqFact()  # unused (e.g. `out, _ = rnn(x)`): nothing to prove
                 elif node.op == "placeholder":
                     d = dims.get(node)
@@ -104,7 +111,7 @@ def find_sequence_ops(gm: fx.GraphModule, inputs: list[Any], seq_dim: int | None
                 elif node.op == "get_attr":
                     facts[node.name] = SeqFact()
                 elif node.op != "output":
-                    facts[node.name] = _classify(gm, node, long_env, short_env, facts, length)
+                    facts[node.name] = _classify(gm, node, long_env, short_env, facts, length, region)
                 if node.name in facts:
                     lmeta(node)["seq"] = facts[node.name]
     finally:
@@ -211,7 +218,7 @@ def _what(gm: fx.GraphModule, node: fx.Node) -> str:
     return f"{name} ({node.name}{', in ' + where if where else ''})"
 
 
-def _classify(gm, node, long_env, short_env, facts, length) -> SeqFact:
+def _classify(gm, node, long_env, short_env, facts, length, region) -> SeqFact:
     long, short = long_env[node], short_env[node]
     inputs = node.all_input_nodes
     seq_in = [a for a in inputs if facts[a.name].dims or _holds_sequence(long_env[a], short_env[a])]
@@ -237,7 +244,7 @@ def _classify(gm, node, long_env, short_env, facts, length) -> SeqFact:
         rule = _position_rule(node, facts, what)
         if rule is not None:
             return SeqFact(dims, rule)
-        if dims and not any(facts[a.name].dims for a in inputs) and not _constant_along(long, dims[0]):
+        if len(dims) == 1 and not any(facts[a.name].dims for a in inputs) and not _constant_along(long, dims[0]):
             raise PlanError(
                 f"{what} builds values that depend on the position without reading the input; localize offsets "
                 "torch.arange(T) and table[:, :T] slices only"
@@ -249,6 +256,13 @@ def _classify(gm, node, long_env, short_env, facts, length) -> SeqFact:
     if rule is not None:
         return SeqFact(dims, rule, _extra(long, dims, length), content=True)
     if len(dims) > 1:
+        found = match_attention(gm, node, long_env, facts)
+        if found is not None:  # causal attention written out: carried like scaled_dot_product_attention
+            nodes, end, info = found
+            for n in nodes[1:]:
+                region[n.name] = SeqFact(_seq_dims(long_env[n], short_env[n]) or (), "attention_region", content=True)
+            region[end.name] = SeqFact((-2,), "attention_matmul", content=True, info=info)
+            return SeqFact(dims, "attention_region", content=True)
         kind = (
             "a mask read from the inputs, e.g. padding" if long.dtype == torch.bool else "attention scores written out"
         )
@@ -342,6 +356,10 @@ def _position_rule(node: fx.Node, facts: dict[str, SeqFact], what: str) -> str |
     if node.op == "call_function" and node.target is operator.getitem and lengths:
         if not facts[node.args[0].name].dims:
             return "table_slice"
+    if node.op == "call_function" and node.target is torch.ops.aten.slice.Tensor and lengths:
+        start = node.args[2] if len(node.args) > 2 else 0
+        if not facts[node.args[0].name].dims and start in (0, None) and facts[node.args[3].name].extra == 0:
+            return "table_narrow"  # the exported form of table[:, :T]
     return None
 
 

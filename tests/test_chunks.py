@@ -75,6 +75,50 @@ class CausalConvLM(nn.Module):
         return self.head(torch.cat([x, mean], dim=-1))
 
 
+class HandAttention(nn.Module):
+    """nanoGPT-style attention written as ops, with rotary positions and attention dropout."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.drop = nn.Dropout(dropout)
+        self.register_buffer("bias", torch.ones(64, 64).tril().view(1, 1, 64, 64))
+        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, self.head_dim, 2).float() / self.head_dim))
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        a, b = x[..., : self.head_dim // 2], x[..., self.head_dim // 2 :]
+        return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        freqs = torch.arange(T, device=x.device).to(x.dtype)[:, None] * self.inv_freq.to(x.dtype)[None, :]
+        q, k = self.rotate(q, freqs.cos(), freqs.sin()), self.rotate(k, freqs.cos(), freqs.sin())
+        att = (q @ k.transpose(-2, -1)) * (1.0 / self.head_dim**0.5)
+        att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+        att = self.drop(F.softmax(att, dim=-1))
+        y = (att @ v).transpose(1, 2).contiguous().view(B, T, C)
+        return self.proj(y)
+
+
+class HandGPT(nn.Module):
+    def __init__(self, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 16)
+        self.layers = nn.ModuleList(HandAttention(dropout=dropout) for _ in range(2))
+        self.norm = nn.LayerNorm(16)
+        self.head = nn.Linear(16, VOCAB)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        for layer in self.layers:
+            x = x + layer(x)
+        return self.head(self.norm(x))
+
+
 def _data(batch: int = 2, length: int = 11, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (batch, length), generator=g), torch.randint(0, VOCAB, (batch, length), generator=g)
@@ -85,6 +129,7 @@ MODELS = {
     "lstm": lambda: LSTMLM(nn.LSTM),
     "gru": lambda: LSTMLM(nn.GRU),
     "conv": CausalConvLM,
+    "hand": HandGPT,  # torch.export (fx cannot slice by x.size()), hand-written attention, rotary
 }
 
 
@@ -164,6 +209,22 @@ def test_spaco_expected_gradient_is_exact(monkeypatch: pytest.MonkeyPatch) -> No
     assert not all(torch.allclose(g, w) for g, w in zip(_grads(model), want))
 
 
+def test_spaco_estimates_average_to_the_exact_gradient() -> None:
+    """Many SpaCO draws (keep 0.5, 4 chunks): their mean approaches the exact gradient, as it must."""
+    ids, target = _data(length=12)
+    torch.manual_seed(11)
+    model = MODELS["gpt"]().double()
+    want = torch.cat([g.flatten() for g in _backprop_grads(copy.deepcopy(model), ids, target)])
+    lm = localize.transform(model, blocks=1, example_inputs=(ids,), optimizer=_sgd0, chunk_size=3, chunk_keep=0.5)
+    torch.manual_seed(12)
+    draws = []
+    for _ in range(400):
+        lm.train_step(ids, target)
+        draws.append(torch.cat([g.flatten() for g in _grads(model)]))
+    error = [float((torch.stack(draws[:n]).mean(0) - want).norm() / want.norm()) for n in (10, 400)]
+    assert error[1] < 0.1 and error[1] < error[0] / 3, error
+
+
 class DropoutLM(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -174,12 +235,13 @@ class DropoutLM(nn.Module):
         return self.gpt.lm_head(self.drop(self.gpt.norm(self.gpt.layers[0](self.gpt.tok_embed(ids)))))
 
 
-def test_dropout_replays_in_the_recomputed_chunks() -> None:
-    """With dropout, the backward recomputation sees the forward's masks: the gradient equals autograd
-    through one graph of the same chunks drawn in the same order."""
+@pytest.mark.parametrize("make", [DropoutLM, lambda: HandGPT(dropout=0.3)], ids=["dropout", "attention-dropout"])
+def test_dropout_replays_in_the_recomputed_chunks(make) -> None:
+    """With dropout (a layer's, or attention's), the backward recomputation sees the forward's masks: the
+    gradient equals autograd through one graph of the same chunks drawn in the same order."""
     ids, target = _data(length=8)
     torch.manual_seed(5)
-    model = DropoutLM().double()
+    model = make().double()
     twin = copy.deepcopy(model)
     lm = localize.transform(model, blocks=1, example_inputs=(ids,), optimizer=_sgd0, chunk_size=3)
     program = localize.transform(
@@ -187,6 +249,8 @@ def test_dropout_replays_in_the_recomputed_chunks() -> None:
     ).chunk_programs[0]
     lm.train()
     program.train()
+    empty = (None,) * len(program.chunk_spec.states)
+    assert not torch.equal(program(0, empty, ids[:, :3])[0][0], program(0, empty, ids[:, :3])[0][0])  # it drops
     torch.manual_seed(6)
     lm.train_step(ids, target)
     torch.manual_seed(6)
@@ -384,3 +448,43 @@ def test_a_padding_mask_is_refused() -> None:
     mask[0, :3] = 0
     with pytest.raises(PlanError, match=r"2 sequence dims .*\(a mask read from the inputs, e.g. padding\)"):
         localize.transform(_hf("llama"), blocks=1, example_inputs=(ids, mask), chunk_size=4)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_refuses_bad_chunk_flags_in_one_line(capsys: pytest.CaptureFixture, tmp_path) -> None:
+    from pathlib import Path
+
+    from localize.cli.main import main
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    for argv, words in [
+        ([str(examples / "charlm_gpt.py"), "--chunk-keep", "1.5"], "--chunk-keep: 1.5 is out of range"),
+        ([str(examples / "mnist1d_resnet.py"), "--chunk-size", "8"], "seq_dim= naming the dimension"),
+        ([str(examples / "charlm_gpt.py"), "--chunk-size", "8", "--distributed", "--train", "--blocks", "2"],
+         "--chunk-size trains in one process"),
+    ]:
+        assert main([*argv, "--out", str(tmp_path / "out"), "--no-onnx"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and len(err.splitlines()) == 1, err
+
+
+def test_the_launcher_refuses_chunks_too() -> None:
+    from pathlib import Path
+
+    from localize.distributed.launch import load_local_model
+
+    spec = str(Path(__file__).resolve().parents[1] / "examples" / "charlm_gpt.py")
+    with pytest.raises(ConfigError, match="--chunk-size trains in one process"):
+        load_local_model(spec, 2, chunk_size=8)
+
+
+def test_chunk_doctests() -> None:
+    import doctest
+
+    from localize.passes import chunk_sequence, find_sequence_ops, match_attention
+
+    for module in (find_sequence_ops, chunk_sequence, match_attention):
+        result = doctest.testmod(module)
+        assert result.failed == 0 and result.attempted > 0, module.__name__

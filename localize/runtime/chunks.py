@@ -42,15 +42,18 @@ __all__ = [
     "ChunkPass",
     "Chunking",
     "ChunkSpec",
+    "active_rate",
     "attend",
     "chunk_backward",
     "chunk_forward",
     "chunk_outputs",
     "cumsum",
+    "dropout_rate",
     "extend",
     "keep_mask",
     "last",
     "left_context",
+    "offset_narrow",
     "offset_slice",
     "pair",
     "run_chunks",
@@ -97,9 +100,9 @@ class ChunkPass:
 # ------------------------------------------------------------------------------ ops inside chunk programs
 
 
-def extend(past: torch.Tensor | None, own: torch.Tensor, dim: int) -> torch.Tensor:
-    """Earlier chunks' keys (or values) followed by this chunk's."""
-    return own if past is None else torch.cat([past.to(own.dtype), own], dim=dim)
+def extend(past: list[torch.Tensor] | None, own: torch.Tensor, dim: int) -> torch.Tensor:
+    """Earlier chunks' keys (or values) followed by this chunk's, joined in one copy."""
+    return own if not past else torch.cat([*(p.to(own.dtype) for p in past), own], dim=dim)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
@@ -110,8 +113,32 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float =
     n, total = q.size(-2), k.size(-2)
     if total == n:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale, **extra)
-    mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(total - n)
+    mask = _offset_causal_mask(n, total, q.dtype, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale, **extra)
+
+
+_MASK: dict[tuple, torch.Tensor] = {}
+
+
+def _offset_causal_mask(n: int, total: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The additive mask of a chunk's ``n`` queries over ``total`` keys, built once per chunk shape
+    (every layer of the chunk shares it, so autograd saves it once, not once per layer)."""
+    key = (n, total, dtype, device)
+    if key not in _MASK:
+        _MASK.clear()
+        allowed = torch.ones(n, total, dtype=torch.bool, device=device).tril(total - n)
+        _MASK[key] = torch.zeros(n, total, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+    return _MASK[key]
+
+
+def dropout_rate(module: nn.Module) -> float:
+    """The dropout probability of an ``nn.Dropout`` now (0 in eval mode), for :func:`attend`."""
+    return float(module.p) if module.training else 0.0
+
+
+def active_rate(p: float, training: bool) -> float:
+    """``F.dropout(x, p, training)``'s probability as :func:`attend`'s ``dropout_p``."""
+    return float(p) if training else 0.0
 
 
 def cumsum(x: torch.Tensor, dim: int, carry: torch.Tensor | None, **kwargs: Any) -> torch.Tensor:
@@ -148,6 +175,11 @@ def offset_slice(table: torch.Tensor, index: Any, axis: int, offset: int) -> tor
     return table[tuple(parts)]
 
 
+def offset_narrow(table: torch.Tensor, dim: int, length: int, offset: int) -> torch.Tensor:
+    """``table.narrow(dim, offset, length)``: the exported ``table[:, :T]`` of a chunk at ``offset``."""
+    return table.narrow(dim, offset, length)
+
+
 # ------------------------------------------------------------------------------------------ the schedule
 
 
@@ -164,8 +196,7 @@ def _carried(spec: ChunkSpec, states: list[list[Any]], c: int) -> tuple:
         if c == 0:
             out.append(None)
         elif kind == "append":
-            earlier = [states[i][s] for i in range(c)]
-            out.append(earlier[0] if len(earlier) == 1 else torch.cat(earlier, dim=-2))
+            out.append([states[i][s] for i in range(c)])  # joined with this chunk's by `extend`
         else:
             out.append(states[c - 1][s])
     return tuple(out)

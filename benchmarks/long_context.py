@@ -1,0 +1,263 @@
+"""Long sequences: backprop, per-layer checkpointing, SeCO and SpaCO side by side, as T grows.
+
+For each model and sequence length T, in one run on the same weights, text and optimizer (AdamW):
+
+* ``backprop``: the whole sequence in one graph;
+* ``checkpoint``: ``torch.utils.checkpoint`` around every transformer layer (Hugging Face's own
+  activation checkpointing for Llama);
+* ``seco``: ``localize.transform(model, blocks=1, chunk_size=C)``, the exact gradient chunk by chunk;
+* ``spaco``: the same with ``chunk_keep=0.25``.
+
+Memory is one training step measured as torch measures it: the peak of everything alive (parameters,
+gradients, optimizer state, activations, temporaries) by ``torch.distributed._tools.mem_tracker.
+MemTracker``, and the peak of tensors saved for backward (``SavedActivationMeter``). Time is the median
+of ``--steps`` steps taken round-robin. ``fits`` is the longest measured T whose total peak stays under
+``--budget-mib``. Models: the GPT character LM of ``examples/charlm_gpt.py`` (dim 64, 4 layers) on the
+Python standard library's text, and a small-config Hugging Face Llama (rotary positions, grouped-query
+attention) on the same text.
+
+    python benchmarks/long_context.py                                  # T = 1024 .. 8192, C = 256
+    python benchmarks/long_context.py --models gpt --lengths 512,1024 --steps 2 --plot docs/x.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+from torch.distributed._tools.mem_tracker import MemTracker
+from torch.utils.checkpoint import checkpoint
+
+import localize
+from localize.data import char_vocab, stdlib_text
+from localize.runtime.memory import SavedActivationMeter
+from localize.zoo import GPT
+
+METHODS = ("backprop", "checkpoint", "seco", "spaco")
+
+
+def text_batch(length: int, batch: int, vocab: dict[str, int], text: str, seed: int) -> tuple:
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(text) - length - 2, (batch,), generator=g).tolist()
+    rows = [[vocab[c] for c in text[s : s + length + 1]] for s in starts]
+    data = torch.tensor(rows)
+    return data[:, :-1], data[:, 1:]
+
+
+def build(name: str, vocab_size: int, max_length: int) -> nn.Module:
+    torch.manual_seed(0)
+    if name == "gpt":
+        return GPT(vocab_size=vocab_size, block_size=max_length, dim=64, depth=4, heads=4)
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=max_length,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return checkpoint(self.layer, x, use_reentrant=False)
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    out = model(ids)
+    return out.logits if hasattr(out, "logits") else out
+
+
+class Backprop:
+    """One graph for the whole sequence (optionally checkpointed per layer): the reference step."""
+
+    def __init__(self, model: nn.Module, checkpointed: bool) -> None:
+        self.model = model
+        if checkpointed and hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        elif checkpointed and hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        elif checkpointed:
+            model.layers = nn.ModuleList(_Checkpointed(layer) for layer in model.layers)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def train_step(self, ids: torch.Tensor, target: torch.Tensor) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        logits = _logits(self.model, ids)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
+
+
+def make(method: str, model: nn.Module, ids: torch.Tensor, chunk: int) -> Any:
+    if method in ("backprop", "checkpoint"):
+        return Backprop(model, checkpointed=method == "checkpoint")
+    keep = 0.25 if method == "spaco" else 1.0
+    return localize.transform(
+        model, blocks=1, example_inputs=(ids[:, : 2 * chunk],), chunk_size=chunk, chunk_keep=keep,
+        optimizer="adamw", lr=1e-3,
+    )
+
+
+class _NoModules:
+    """Stands in for MemTracker's module tracker: no per-module hooks, always "forward, top level"."""
+
+    parents: frozenset = frozenset({"Global"})
+    is_bw = False
+
+    def register_user_hooks(self, *hooks: Any) -> None:
+        pass
+
+    def clear_user_hooks(self) -> None:
+        pass
+
+    def get_known_fqn(self, module: nn.Module) -> str:
+        return "Global"
+
+    def __enter__(self) -> _NoModules:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+
+class FlatMemTracker(MemTracker):
+    """torch's ``MemTracker`` without its per-module statistics: its module tracker refuses a module
+    called again before its backward, which every chunk does. Allocations, frees and the total peak
+    are MemTracker's own (its dispatch mode; parameters and optimizer state by ``track_external``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._mod_tracker = _NoModules()
+
+
+def memory(step: Any, params: list[nn.Parameter], batch: tuple) -> tuple[int, int]:
+    """(total peak, saved-activation peak) of one step, optimizer state already allocated."""
+    tracker = FlatMemTracker()
+    optimizers = [step.optimizer] if hasattr(step, "optimizer") else [o for o in step.optimizers if o is not None]
+    tracker.track_external(*[step.model], *optimizers)
+    with tracker, SavedActivationMeter(params) as meter:
+        step.train_step(*batch)
+    peak = tracker.get_tracker_snapshot("peak")
+    return int(sum(v["Total"] for v in peak.values())), meter.peak_bytes
+
+
+def timed(steps: dict[str, Any], batch: tuple, n: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(n):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step.train_step(*batch)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    text = stdlib_text(max_chars=2_000_000)
+    vocab = {c: i for i, c in enumerate(char_vocab(text))}
+    rows = []
+    lengths = [int(t) for t in args.lengths.split(",")]
+    for name in args.models.split(","):
+        base = build(name, len(vocab), max(lengths))
+        for length in lengths:
+            batch = text_batch(length, args.batch, vocab, text, seed=length)
+            steps = {m: make(m, copy.deepcopy(base), batch[0], args.chunk) for m in METHODS}
+            for step in steps.values():
+                step.train_step(*batch)  # warm: optimizer state exists, kernels chosen
+            mem = {}
+            for m, step in steps.items():
+                params = list(step.model.parameters())
+                mem[m] = memory(step, params, batch)
+            seconds = timed(steps, batch, args.steps)
+            for m in METHODS:
+                rows.append({
+                    "model": name, "T": length, "method": m, "chunks": -(-length // args.chunk),
+                    "total_mib": mem[m][0] / 2**20, "saved_mib": mem[m][1] / 2**20,
+                    "ms": 1000 * seconds[m], "vs_backprop": seconds[m] / seconds["backprop"],
+                })
+            Console().print(f"{name} T={length}: " + ", ".join(
+                f"{m} {mem[m][0] / 2**20:.0f} MiB {1000 * seconds[m]:.0f} ms" for m in METHODS))
+    return rows
+
+
+def report(rows: list[dict[str, Any]], budget: float) -> None:
+    table = Table(title=f"one training step (total peak by MemTracker; fits: longest T under {budget:g} MiB)")
+    for col in ("model", "T", "method", "total MiB", "saved MiB", "ms", "vs backprop"):
+        table.add_column(col, justify="left" if col in ("model", "method") else "right")
+    for r in rows:
+        table.add_row(r["model"], str(r["T"]), r["method"], f"{r['total_mib']:.1f}", f"{r['saved_mib']:.1f}",
+                      f"{r['ms']:.0f}", f"{r['vs_backprop']:.2f}x")
+    Console().print(table)
+    fits = Table(title=f"longest measured T whose total peak fits {budget:g} MiB")
+    fits.add_column("model")
+    for m in METHODS:
+        fits.add_column(m, justify="right")
+    for model in dict.fromkeys(r["model"] for r in rows):
+        best = []
+        for m in METHODS:
+            ok = [r["T"] for r in rows if r["model"] == model and r["method"] == m and r["total_mib"] <= budget]
+            best.append(str(max(ok)) if ok else "-")
+        fits.add_row(model, *best)
+    Console().print(fits)
+
+
+def plot(rows: list[dict[str, Any]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(len(models), 2, figsize=(10, 3.6 * len(models)), squeeze=False)
+    for i, model in enumerate(models):
+        for m in METHODS:
+            pts = [r for r in rows if r["model"] == model and r["method"] == m]
+            t = [r["T"] for r in pts]
+            axes[i][0].plot(t, [r["total_mib"] for r in pts], marker="o", label=m)
+            axes[i][1].plot(t, [r["ms"] for r in pts], marker="o", label=m)
+        for ax, what in zip(axes[i], ("total peak (MiB, MemTracker)", "step time (ms)")):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("sequence length T")
+            ax.set_title(f"{model}: {what}")
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="gpt,llama", help="comma-separated: gpt, llama")
+    parser.add_argument("--lengths", default="1024,2048,4096,8192", help="sequence lengths T")
+    parser.add_argument("--chunk", type=int, default=256, help="chunk size C of SeCO and SpaCO")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per method (median)")
+    parser.add_argument("--budget-mib", type=float, default=64.0, help="memory budget of the fits table")
+    parser.add_argument("--json", default=None, help="also write the rows here")
+    parser.add_argument("--plot", default=None, help="write a plot of memory and time against T here")
+    args = parser.parse_args(argv)
+    rows = run(args)
+    report(rows, args.budget_mib)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    if args.plot:
+        plot(rows, args.plot)
+
+
+if __name__ == "__main__":
+    main()
