@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from localize.runtime.checkpoint import Checkpoint, load
     from localize.runtime.diagnose import Diagnosis, diagnose
     from localize.runtime.model import Block, LocalModel
+    from localize.runtime.peak import MemoryReport, memory
 
 _LAZY = {
     "Block": "localize.runtime.model",
@@ -29,6 +30,8 @@ _LAZY = {
     "Diagnosis": "localize.runtime.diagnose",
     "diagnose": "localize.runtime.diagnose",
     "LocalModel": "localize.runtime.model",
+    "MemoryReport": "localize.runtime.peak",
+    "memory": "localize.runtime.peak",
     "Traced": "localize.compiler.tracer",
     "load": "localize.runtime.checkpoint",
     "trace": "localize.compiler.tracer",
@@ -41,12 +44,14 @@ __all__ = [
     "Diagnosis",
     "LocalModel",
     "LocalizeError",
+    "MemoryReport",
     "Traced",
     "load",
     "trace",
     "transform",
     "__version__",
     "diagnose",
+    "memory",
 ]
 
 

@@ -59,9 +59,12 @@ def value_info(node: fx.Node) -> ValueInfo | None:
 
 
 class _Recorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, fake: FakeTensorMode | None = None) -> None:
         super().__init__(gm)
         self._params = {_storage_key(p) for p in gm.parameters()}
+        if fake is not None:  # the run sees each parameter as its (memoised) fake tensor
+            self._fakes = [fake.from_tensor(p) for p in gm.parameters()]  # alive: keys stay unique
+            self._params |= {_storage_key(f) for f in self._fakes}
         self._producer: dict[int, fx.Node] = {}
         self._seen: set[int] = set()
         self._current: fx.Node | None = None
@@ -126,7 +129,7 @@ def annotate_tensors(gm: fx.GraphModule, inputs: list[object]) -> fx.GraphModule
                 fake = FakeTensorMode(allow_non_fake_inputs=True)
                 fake_inputs = [fake.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs]
                 with fake:
-                    _Recorder(gm).run(*fake_inputs)
+                    _Recorder(gm, fake).run(*fake_inputs)
             except Exception:  # noqa: BLE001 - data-dependent shapes: measure for real
                 _Recorder(gm).run(*inputs)
     finally:

@@ -5,6 +5,11 @@ same largest block, the one with the smallest sum of squared block costs wins, s
 as even as the legal cuts allow. Every block must own at least one trainable parameter (a shared
 parameter belongs to its last reader, see ``assign_blocks``).
 
+Metrics: ``flops`` (time), ``params``, ``memory`` (the activations a block saves for its backward and
+the ones it receives), ``peak`` (``memory`` plus the gradients of the parameters the block trains:
+the part of a block's training peak that differs between blocks, since parameters and optimizer
+state stay resident whichever block runs).
+
 A cut where several activations cross (``max_frontier > 1``: U-Net skips, an encoder output read by
 every decoder layer) costs local learning something: the later block receives those tensors
 detached. So a block that starts at such a cut is charged ``FRONTIER_PENALTY`` of an average
@@ -24,7 +29,7 @@ from localize.passes.find_cut_points import CutPoint, compute_nodes
 
 __all__ = ["balance_blocks", "FRONTIER_PENALTY", "METRICS"]
 
-METRICS = ("flops", "params", "memory")
+METRICS = ("flops", "params", "memory", "peak")
 FRONTIER_PENALTY = 0.05  # per activation beyond the first, as a fraction of the average block cost
 
 
@@ -39,13 +44,16 @@ def balance_blocks(gm: fx.GraphModule, cuts: list[CutPoint], blocks: int, metric
             f"to allow cuts where several activations cross"
         )
     nodes = compute_nodes(gm)
-    weight = [max(node_cost(n).get(metric), 0) for n in nodes]
+    weight = [max(node_cost(n).get("memory" if metric == "peak" else metric), 0) for n in nodes]
     last_reader: dict[int, int] = {}
     for i, n in enumerate(nodes):
         for p in params_of(gm, n):
             if p.requires_grad:
                 last_reader[id(p)] = i
     owns = [1 if any(last_reader.get(id(p)) == i for p in params_of(gm, n)) else 0 for i, n in enumerate(nodes)]
+    if metric == "peak":  # a block's peak also holds the gradients of the parameters it trains
+        for i, n in enumerate(nodes):
+            weight[i] += sum(p.numel() * p.element_size() for p in params_of(gm, n) if last_reader.get(id(p)) == i)
     prefix, pprefix = [0], [0]
     for w, o in zip(weight, owns):
         prefix.append(prefix[-1] + w)
@@ -55,7 +63,7 @@ def balance_blocks(gm: fx.GraphModule, cuts: list[CutPoint], blocks: int, metric
     end = len(nodes)
     # a block also keeps the activations it receives: charge them to the block that starts there
     entry = {0: 0}
-    if metric == "memory":
+    if metric in ("memory", "peak"):
         by_name = {n.name: n for n in gm.graph.nodes}
         for c in cuts:
             entry[c.position + 1] = sum(

@@ -4,8 +4,9 @@ The split program (:mod:`localize.passes.insert_gradient_cuts`) computes the mod
 ``getitem`` and the ``detach`` at every cut. The *step graph* adds, in schedule order, what training
 does with it: for each block, ``F`` calls the block on its detached inputs; ``L`` calls its aux head
 on the block's primary activation (the last block reads the model output), computes the local loss
-and backpropagates inside the block; ``U`` steps the block's optimizer and runs its head's
-after-update hook (and, with a scheduler, steps its learning-rate scheduler). With ``autocast``,
+and backpropagates inside the block; ``U`` steps the block's optimizer, runs its head's
+after-update hook (and, with a scheduler, steps its learning-rate scheduler) and frees the block's
+gradients. With ``autocast``,
 each block call and each loss sit between ``autocast_enter`` and ``autocast_exit`` nodes; with
 ``accumulate=N`` the gradient ops carry ``accumulate=N``. Everything but the blocks and heads is a call of :mod:`localize.runtime.ops`, so
 fx's own code generator writes the whole step as Python: ``LocalModel.train_step`` runs that code,
@@ -63,6 +64,7 @@ def build_step_graph(
     autocast: str | None = None,
     scheduler: bool = False,
     chunking: Chunking | None = None,
+    block_modules: Sequence[nn.Module] | None = None,
 ) -> fx.GraphModule:
     """The step graph of ``program`` (a GraphModule named ``TrainStep``).
 
@@ -78,6 +80,8 @@ def build_step_graph(
         scheduler: whether each update is followed by a ``scheduler_step`` node.
         chunking: with ``transform(chunk_size=)``: each block's F is ``chunk_forward`` of its chunk
             program (then ``chunk_outputs``) and its L is ``chunk_backward`` (SeCO / SpaCO).
+        block_modules: what the step calls for each block instead of the program's submodule (the
+            ``recompute=True`` version of the same block).
 
     Its ``forward(state, *inputs, target)`` returns the K loss values; ``state`` is a
     :class:`localize.runtime.ops.StepState`.
@@ -162,7 +166,7 @@ def build_step_graph(
                 passes[b] = call(chunks.chunk_forward, b, "chunks", chunk_prog[b], chunking.size, *args)
                 env[call_node] = call(chunks.chunk_outputs, b, "block", passes[b])
             else:
-                root[f"block_{b}"] = getattr(program, call_node.target)
+                root[f"block_{b}"] = block_modules[b] if block_modules else getattr(program, call_node.target)
                 env[call_node] = tag(
                     graph.create_node("call_module", f"block_{b}", args, kwargs, name=f"block_{b}"), b
                 )
@@ -216,6 +220,7 @@ def build_step_graph(
                 values[b] = call(ops.scheduler_step, b, "scheduled", values[b], **acc)
             if head is not None and hasattr(head, "after_update"):
                 values[b] = call(ops.after_update, b, "updated", head_node(b), values[b], **acc)
+            values[b] = call(ops.release_gradients, b, "released", values[b], **acc)
     for b, head in enumerate(heads):
         if head is not None:
             root[f"head_{b}"] = head

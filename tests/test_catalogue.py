@@ -81,7 +81,7 @@ CATALOGUE = [
     ("cuts disagree with blocks", _transform(blocks=4, cuts=["layers.2"]), PlanError, r"make 2 blocks but blocks=4"),
     ("cut before the first module", _transform(blocks=None, cuts=["flatten"]), PlanError, r"leaves block 0 empty"),
     ("max_frontier = 0", _transform(max_frontier=0), ConfigError, r"max_frontier must be an int >= 1"),
-    ("unknown balance", _transform(balance="time"), ConfigError, r"choose one of \['flops', 'params', 'memory'\]"),
+    ("unknown balance", _transform(balance="time"), ConfigError, r"choose one of \['flops', 'params', 'memory', 'peak'\]"),
     # --- transform(): example inputs
     ("example input of the wrong shape", _transform(example_inputs=(torch.randn(4, 7),)), ConfigError, r"MLP itself fails on example_inputs \(RuntimeError: mat1 and mat2"),
     ("example input that is not a tensor", _transform(example_inputs=("x",)), ConfigError, r"itself fails on example_inputs"),

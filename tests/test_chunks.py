@@ -23,12 +23,24 @@ from localize.zoo import GPT, EncoderLayer
 VOCAB = 13
 
 
-def _sgd0(params):
-    return torch.optim.SGD(params, lr=0.0)  # keeps the gradients of the step for the test to read
+class _sgd0(torch.optim.SGD):  # noqa: N801 - used like the optimizer factories it stands beside
+    """SGD with lr 0 that leaves each parameter the gradient its step used (``seen_grad``): the step
+    frees ``.grad`` once the update used it."""
+
+    def __init__(self, params) -> None:
+        super().__init__(params, lr=0.0)
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.seen_grad = None if p.grad is None else p.grad.clone()
+        return super().step(closure)
 
 
 def _grads(model: nn.Module) -> list[torch.Tensor]:
-    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+    """Each parameter's gradient: of plain backward (``.grad``), else the one the last step used."""
+    grads = [p.grad if p.grad is not None else getattr(p, "seen_grad", None) for p in model.parameters()]
+    return [g.clone() if g is not None else torch.zeros_like(p) for g, p in zip(grads, model.parameters())]
 
 
 def _backprop_grads(model: nn.Module, ids: torch.Tensor, target: torch.Tensor) -> list[torch.Tensor]:

@@ -128,7 +128,7 @@ def test_cut_name_that_is_not_a_module():
 
 def test_bad_balance_and_optimizer():
     model, x = _mlp()
-    with pytest.raises(ConfigError, match=r"choose one of \['flops', 'params', 'memory'\]"):
+    with pytest.raises(ConfigError, match=r"choose one of \['flops', 'params', 'memory', 'peak'\]"):
         localize.transform(model, blocks=2, example_inputs=x, balance="time")
     with pytest.raises(ConfigError, match="optimizer must be"):
         localize.transform(model, blocks=2, example_inputs=x, optimizer=3)

@@ -142,7 +142,8 @@ def test_zoo_entry_one_block_is_exactly_backprop(name):
     lm.train()
     args, kwargs, target = entry.inputs(5), entry.kwargs(5), entry.target(5)
     torch.manual_seed(3)
-    lm.train_step(_step_inputs(lm, entry, args, kwargs), target)
+    # update=False: a due update frees the gradients it used (memory-first), so read them before
+    lm.train_step(_step_inputs(lm, entry, args, kwargs), target, update=False)
     torch.manual_seed(3)
     cross_entropy_last_dim(_logits(reference(*args, **kwargs)), target).backward()
     got = dict(model.named_parameters())
@@ -248,7 +249,8 @@ def test_boundaries_name_modules():
     _, lm = _transformed("resnet_basic", 4)
     names = boundaries(lm)
     assert len(names) == 3 and all(" | " in n for n in names), names
-    assert names[0].startswith("layer"), names
+    modules = dict(lm.model.named_modules())
+    assert all(side in modules for n in names for side in n.split(" | ")), names  # each side names a module
 
 
 # ------------------------------------------------------------------------------------------ capture errors

@@ -245,3 +245,24 @@ def test_program_runs_the_chunked_step_like_train_step(keep: str, tmp_path: Path
     torch.manual_seed(4)
     got = [run_step(step, state, list(x), y) for x, y in batches]
     assert got == run_local(lm, batches, seed=4)
+
+
+def test_program_runs_the_recomputed_step_like_train_step(tmp_path: Path, capsys):
+    """--recompute: program.py's blocks are the recomputing versions (units under
+    torch.utils.checkpoint) and train bit for bit like the LocalModel."""
+    model_file = ROOT / "examples" / "mnist1d_resnet.py"
+    out = tmp_path / "out"
+    argv = [str(model_file), "--blocks", "2", "--out", str(out), "--no-onnx", "--batch-size", "8", "--recompute"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "units recomputed in backward" in capsys.readouterr().out
+    program = import_file(out / "program.py", "program_recomputed")
+    mf = load_model_file(str(model_file))
+    lm, _ = localize_file(mf, blocks=2, seed=0, recompute=True)
+    batches_from = iterate_batches(mf.dataset()[0], 8, 0)
+    batches = [next(batches_from) for _ in range(3)]
+    step = program.build().train()
+    assert "restore(\n            'localize.passes.recompute_units:Recompute'" in (out / "program.py").read_text()
+    state = StepState(lm.loss_fn, program.make_optimizers(step))
+    torch.manual_seed(0)
+    got = [run_step(step, state, list(x), y) for x, y in batches]
+    assert got == run_local(lm, batches, seed=0)

@@ -23,15 +23,26 @@ def _mlp():
     )
 
 
+class _Recording(torch.optim.SGD):
+    """SGD with lr 0 that keeps the gradients it was handed at each step (the step then frees them)."""
+
+    def __init__(self, params):
+        super().__init__(params, lr=0.0)
+        self.seen: list[torch.Tensor] = []
+
+    def step(self, closure=None):
+        self.seen = [p.grad.clone() for g in self.param_groups for p in g["params"]]
+        return super().step(closure)
+
+
 def _block_grads(lm) -> list[list[torch.Tensor]]:
-    return [[p.grad.clone() for g in b.optimizer.param_groups for p in g["params"]] for b in lm.blocks]
+    return [b.optimizer.seen for b in lm.blocks]
 
 
 def test_each_block_clips_its_own_gradient_norm_like_clip_grad_norm():
     x, y = torch.randn(16, 6), torch.randint(0, 4, (16,))
-    sgd = lambda params: torch.optim.SGD(params, lr=0.0)  # noqa: E731 - no update: the gradients stay put
-    plain = localize.transform(_mlp(), blocks=2, example_inputs=(x,), optimizer=sgd)
-    clipped = localize.transform(_mlp(), blocks=2, example_inputs=(x,), optimizer=sgd, clip_grad_norm=0.05)
+    plain = localize.transform(_mlp(), blocks=2, example_inputs=(x,), optimizer=_Recording)
+    clipped = localize.transform(_mlp(), blocks=2, example_inputs=(x,), optimizer=_Recording, clip_grad_norm=0.05)
     plain.train_step(x, y)
     clipped.train_step(x, y)
     for want, got in zip(_block_grads(plain), _block_grads(clipped)):

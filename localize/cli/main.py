@@ -34,6 +34,7 @@ from localize.compiler.model_file import (
 from localize.data import random_dataset
 from localize.errors import ConfigError, LocalizeError
 from localize.extras import MissingExtra
+from localize.passes.balance_blocks import METRICS
 from localize.runtime.model import LocalModel
 
 __all__ = ["main", "build_parser"]
@@ -102,7 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="number of blocks K (None: 4, or one more than the --cuts)",
     )
     p.add_argument("--aux", default="dgl", choices=available(), help="aux-head strategy")
-    p.add_argument("--balance", choices=["flops", "params", "memory"], default="flops", help="cost the blocks balance")
+    p.add_argument(
+        "--balance",
+        choices=list(METRICS),
+        default=None,
+        help="cost the blocks balance (default: memory in one process, flops with --distributed)",
+    )
     p.add_argument("--cuts", default=None, help="module names that start blocks, e.g. layer2,layer3")
     p.add_argument(
         "--max-frontier", type=_positive(int, "use an integer >= 1"), default=1, metavar="N",
@@ -146,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--chunk-keep", type=_fraction, default=1.0, metavar="P",
         help="with --chunk-size: backpropagate each chunk with probability P, compensated (SpaCO; 1: every chunk)",
+    )
+    p.add_argument(
+        "--recompute", action="store_true",
+        help="recompute each unit (residual block, transformer layer) in its block's backward: less memory, "
+        "same gradients, one more forward of the block",
     )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="training device")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order")
@@ -251,7 +262,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
             "blocks": lm.plan.num_blocks,
             "aux": args.aux,
             "aux_options": {},
-            "balance": args.balance,
+            "balance": lm.plan.balance,
             "cuts": cuts,
             "max_frontier": lm.plan.max_frontier,
             "optimizer": {"name": args.optimizer} | OptimizerSpec.build(args.optimizer, args.lr).options,
@@ -261,6 +272,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
             "schedule": {"kind": args.schedule, "warmup": args.warmup},
             "chunk_size": args.chunk_size,
             "chunk_keep": args.chunk_keep,
+            "recompute": args.recompute,
             "batch_size": args.batch_size,
             "seed": args.seed,
         }
@@ -312,7 +324,7 @@ def _checkpointing(args, lm: LocalModel, path: Path, console: Console):
     run = {
         "seed": args.seed, "batch_size": args.batch_size, "optimizer": args.optimizer, "lr": args.lr,
         "accumulate": args.accumulate, "amp": args.amp, "schedule": args.schedule, "warmup": args.warmup,
-        "chunk_size": args.chunk_size, "chunk_keep": args.chunk_keep,
+        "chunk_size": args.chunk_size, "chunk_keep": args.chunk_keep, "recompute": args.recompute,
     }
 
     # a schedule's length is part of its state: resuming with other --epochs would run past its end
@@ -425,6 +437,7 @@ def summary_table(doc: dict[str, Any]) -> Table:
     chunk = doc["options"].get("chunk_size")
     keep = doc["options"].get("chunk_keep", 1.0)
     chunks = f"   chunks of {chunk} ({'SeCO' if keep >= 1 else f'SpaCO keep {keep:g}'})" if chunk else ""
+    chunks += "   units recomputed in backward" if doc["options"].get("recompute") else ""
     table = Table(
         title=f"{model['name']}: {doc['num_blocks']} blocks ({model['trace']} trace, inputs {inputs})",
         caption=f"schedule: {doc['schedule']}{chunks}   threads: {torch.get_num_threads()}",
@@ -437,6 +450,7 @@ def summary_table(doc: dict[str, Any]) -> Table:
         ("params", "right"),
         ("FLOPs", "right"),
         ("act. bytes", "right"),
+        ("est. peak", "right"),
         ("crosses its cut", "left"),
         ("aux head", "left"),
         ("ONNX", "left"),
@@ -453,6 +467,7 @@ def summary_table(doc: dict[str, Any]) -> Table:
             _si(b["params"]),
             _si(b["flops"]),
             _bytes(b["activation_bytes"]),
+            _bytes(b["peak_bytes"]) if "peak_bytes" in b else "",
             crossing,
             aux,
             _onnx_cell(b.get("onnx")),
@@ -465,6 +480,7 @@ def summary_table(doc: dict[str, Any]) -> Table:
         _si(total),
         _si(sum(b["flops"] for b in doc["blocks"])),
         _bytes(sum(b["activation_bytes"] for b in doc["blocks"])),
+        f"backprop {_bytes(doc['backprop_peak_bytes'])}" if "backprop_peak_bytes" in doc else "",
         "",
         _si(sum(b["aux"]["params"] for b in doc["blocks"] if b["aux"])) + " params",
         "",

@@ -44,6 +44,7 @@ from localize.errors import ConfigError, VerificationError
 from localize.extras import MissingExtra
 from localize.passes.annotate_tensors import value_info
 from localize.runtime.model import LocalModel
+from localize.runtime.peak import estimate_peaks
 from localize.runtime.schedule import parse_schedule
 
 __all__ = [
@@ -367,6 +368,12 @@ def plan_document(
     plan = lm.plan
     by_name = {n.name: n for n in plan.gm.graph.nodes}
     later_inputs = [set(bp.inputs) for bp in plan.blocks]
+    optimizer = (options or {}).get("optimizer") or {}
+    example_batch = example_inputs[0].shape[0] if example_inputs and example_inputs[0].dim() else 0
+    scale = (options or {}).get("batch_size", example_batch) / example_batch if example_batch else 1.0
+    peaks, backprop_peak = estimate_peaks(
+        lm.model, lm.blocks, _STATE_PER_PARAM.get(optimizer.get("name"), 2), batch_scale=scale
+    )
     blocks = []
     for i, bp in enumerate(plan.blocks):
         used_later = set().union(*later_inputs[i + 1 :]) if i + 1 < len(plan.blocks) else set()
@@ -395,6 +402,7 @@ def plan_document(
             "flops": bp.cost.flops,
             "activation_bytes": bp.cost.activation_bytes,
             "trained_params": sum(p.numel() for p in block.params if p.requires_grad),
+            "peak_bytes": peaks[i],
             "crossing": crossing,
             "aux": aux,
         }
@@ -446,6 +454,7 @@ def plan_document(
         "blocks": blocks,
         "cuts": cuts,
         "schedule": str(lm.schedule),
+        "backprop_peak_bytes": backprop_peak,
         "timings": {k: round(v, 6) for k, v in plan.timings.items()},
     }
     if program is not None:
@@ -453,6 +462,9 @@ def plan_document(
     if graph is not None:
         doc["graph"] = graph
     return doc
+
+
+_STATE_PER_PARAM = {"sgd": 1, "adamw": 2}  # the optimizer state kept per trained tensor
 
 
 def _tensor(node: fx.Node | None, name: str) -> dict[str, Any]:

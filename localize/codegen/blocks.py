@@ -12,15 +12,13 @@ Example:
     >>> lm = localize.transform(net, blocks=2, example_inputs=(torch.randn(2, 4),))
     >>> print(block_source(lm, 1).split("\n\n\n")[1].rstrip())
     class Block1(nn.Module):
-        """Block 1: fc1 -> fc2 (2 nodes, 27 parameters)."""
+        """Block 1: act -> fc2 (1 node, 27 parameters)."""
     <BLANKLINE>
         def __init__(self):
             super().__init__()
-            self.act = nn.ReLU()
             self.fc2 = nn.Linear(in_features=8, out_features=3, bias=True)
     <BLANKLINE>
-        def forward(self, fc1):
-            act = self.act(fc1);  fc1 = None
+        def forward(self, act):
             fc2 = self.fc2(act);  act = None
             return (fc2,)
 '''
@@ -109,6 +107,11 @@ class Generated:
         return [None if c is not None else "a chunk program could not be written" for c in self.chunks]
 
 
+def step_block(lm: LocalModel, index: int) -> nn.Module:
+    """What the step calls for block ``index``: its recomputing version with ``recompute=True``."""
+    return lm.recompute_programs[index] if lm.recompute_programs else lm.blocks[index].module
+
+
 def generate(lm: LocalModel) -> Generated:
     """Write every block and aux head of ``lm`` as code; failures are kept, not raised.
 
@@ -119,7 +122,7 @@ def generate(lm: LocalModel) -> Generated:
     gen = Generated([], [], [], [])
     for block in lm.blocks:
         try:
-            code = module_code(block.module, f"Block{block.index}", _block_doc(lm, block.index))
+            code = module_code(step_block(lm, block.index), f"Block{block.index}", _block_doc(lm, block.index))
             code.call = f"{code.name}()"
             gen.blocks.append(code)
             gen.block_errors.append(None)

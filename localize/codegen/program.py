@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from localize.codegen.blocks import Generated, _header_imports, generate
+from localize.codegen.blocks import Generated, _header_imports, generate, step_block
 from localize.codegen.modules import _IDENT, CodegenError, _attr, _imports_for, named_tensors
 from localize.runtime.model import LocalModel
 from localize.runtime.schedulers import LRSchedule
@@ -296,7 +296,7 @@ def _locate(target: nn.Module, lm: LocalModel) -> str | None:
 def _optimizers_source(lm: LocalModel) -> str:
     names: list[list[str]] = []
     for block in lm.blocks:
-        where = {id(p): n for n, p in block.module.named_parameters(remove_duplicate=False)}
+        where = {id(p): n for n, p in step_block(lm, block.index).named_parameters(remove_duplicate=False)}
         own = []
         for p in block.params:
             if not p.requires_grad:

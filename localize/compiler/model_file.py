@@ -230,7 +230,7 @@ def localize_file(
     *,
     blocks: int | None = None,
     aux: str = "dgl",
-    balance: str = "flops",
+    balance: str | None = None,
     cuts: list[str] | None = None,
     max_frontier: int = 1,
     clip_grad_norm: float | None = None,
@@ -242,6 +242,7 @@ def localize_file(
     scheduler: Callable[[Any], Any] | None = None,
     chunk_size: int | None = None,
     chunk_keep: float = 1.0,
+    recompute: bool = False,
 ) -> tuple[Any, tuple[torch.Tensor, ...]]:
     """The compile step of the CLI and the distributed launcher: seed, build the model, transform it.
 
@@ -269,14 +270,15 @@ def localize_file(
         scheduler=scheduler,
         chunk_size=chunk_size,
         chunk_keep=chunk_keep,
+        recompute=recompute,
     )
     return lm, example
 
 
 def training_options(args: Any, mf: ModelFile, train: Any = None) -> dict[str, Any]:
     """``transform``'s training-loop options from the command line's ``--clip``, ``--accumulate``,
-    ``--amp``, ``--schedule``, ``--warmup``, ``--chunk-size`` and ``--chunk-keep`` (the CLI and the
-    distributed launcher share them).
+    ``--amp``, ``--schedule``, ``--warmup``, ``--chunk-size``, ``--chunk-keep`` and ``--recompute``
+    (the CLI and the distributed launcher share them).
 
     A schedule runs over every update of the run: ``--epochs`` times the training batches, divided
     by ``--accumulate``; ``train`` is the training split when the caller has it (else it is read).
@@ -305,4 +307,5 @@ def training_options(args: Any, mf: ModelFile, train: Any = None) -> dict[str, A
         "scheduler": scheduler,
         "chunk_size": getattr(args, "chunk_size", None),
         "chunk_keep": getattr(args, "chunk_keep", 1.0),
+        "recompute": bool(getattr(args, "recompute", False)),
     }

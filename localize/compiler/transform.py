@@ -25,9 +25,11 @@ from localize.passes.chunk_sequence import check_chunk_programs, check_head, chu
 from localize.passes.cost import Cost, annotate_costs, node_cost
 from localize.passes.find_cut_points import compute_nodes, find_cut_points
 from localize.passes.find_sequence_ops import find_sequence_ops
+from localize.passes.find_units import find_units
 from localize.passes.infer_layout import infer_layout
 from localize.passes.insert_aux_heads import insert_aux_heads
 from localize.passes.insert_gradient_cuts import insert_gradient_cuts, source_of
+from localize.passes.recompute_units import recompute_units
 from localize.passes.resolve_named_cuts import resolve_named_cuts
 from localize.passes.verify_isolation import verify_isolation
 from localize.runtime.chunks import Chunking
@@ -35,7 +37,11 @@ from localize.runtime.loss import LossFn, cross_entropy_last_dim
 from localize.runtime.model import LocalModel, OptimizerFactory, SchedulerFactory
 from localize.runtime.ops import AUTOCAST_DTYPES
 
-__all__ = ["transform"]
+__all__ = ["DEFAULT_BALANCE", "transform"]
+
+# One process: memory is why people train locally, and the blocks run one after another, so the
+# largest block's activations set the peak. The distributed launcher balances FLOPs instead.
+DEFAULT_BALANCE = "memory"
 
 
 def transform(
@@ -50,7 +56,7 @@ def transform(
     lr: float | None = None,
     loss_fn: LossFn | None = None,
     output: Selector = None,
-    balance: str = "flops",
+    balance: str | None = None,
     cuts: list[str] | None = None,
     max_frontier: int = 1,
     on_nan: str = "raise",
@@ -61,6 +67,7 @@ def transform(
     chunk_size: int | None = None,
     chunk_keep: float = 1.0,
     seq_dim: int | None = None,
+    recompute: bool = False,
 ) -> LocalModel:
     """Turn ``model`` into a :class:`LocalModel` of ``blocks`` gradient-isolated blocks.
 
@@ -79,7 +86,11 @@ def transform(
         loss_fn: ``(prediction, target) -> loss``; default cross-entropy over the last dim.
         output: which output the loss reads for dict/tuple/dataclass outputs (a key, an index, or
             a callable); default ``"logits"`` or the only tensor.
-        balance: cost that blocks balance: ``"flops"``, ``"params"`` or ``"memory"``.
+        balance: cost that blocks balance: ``"memory"`` (the default: the activations a block saves
+            and receives, so the largest block's training peak is smallest), ``"peak"`` (memory plus
+            the gradients a block trains, at the example inputs' batch: give them the training
+            batch), ``"flops"`` (time: the distributed runtime's default, where the slowest stage
+            sets the pace) or ``"params"``.
         cuts: module names that each start a new block (instead of automatic balancing).
         max_frontier: how many activations may cross a cut (1 keeps skip connections whole).
         on_nan: ``"raise"`` or ``"skip"`` when a local loss is not finite.
@@ -100,6 +111,9 @@ def transform(
         chunk_keep: p <= 1: with ``chunk_size``, each chunk backpropagates with probability p and
             compensation 1/p (SpaCO: the expected gradient is exact). Default 1.0 (every chunk).
         seq_dim: the inputs' sequence dimension for ``chunk_size``; default 1 (batch first).
+        recompute: recompute each unit of a block (a residual block, a transformer layer) during the
+            block's backward (``torch.utils.checkpoint``), so a block holds its unit boundaries plus
+            one unit's activations; same gradients. Default False.
 
     Example:
         >>> import torch, localize
@@ -114,6 +128,7 @@ def transform(
     """
     if blocks is None:
         blocks = 4 if cuts is None else len(cuts) + 1
+    balance = DEFAULT_BALANCE if balance is None else balance
     _check_args(model, blocks, aux, balance, max_frontier, on_nan, cuts)
     if clip_grad_norm is not None and (
         isinstance(clip_grad_norm, bool) or not isinstance(clip_grad_norm, (int, float)) or not clip_grad_norm > 0
@@ -121,6 +136,10 @@ def transform(
         raise ConfigError(f"clip_grad_norm must be a number > 0 (or None), got {clip_grad_norm!r}")
     _check_training(accumulate, autocast, scheduler)
     _check_chunks(chunk_size, chunk_keep, seq_dim, example_inputs, example_kwargs)
+    if not isinstance(recompute, bool):
+        raise ConfigError(f"recompute must be True or False, got {recompute!r}")
+    if recompute and chunk_size is not None:
+        raise ConfigError("recompute=True and chunk_size= both trade time for memory; choose one")
     _check_options(example_kwargs, aux_options, loss_fn, lr)
     opt_factory = _optimizer_factory(optimizer, lr)
     example_inputs = _as_tuple(example_inputs)
@@ -199,6 +218,16 @@ def transform(
         with _stage("chunk_sequence", timings):
             chunking = _chunk_blocks(plan, heads, facts, flat, chunk_size, chunk_keep)
         _debug("chunk_sequence", chunking.programs[0], graphs)
+    recomputed = None
+    if recompute and not annotated:
+        raise ConfigError("recompute=True needs example_inputs: the units it recomputes are found by running the model")
+    if recompute:
+        with _stage("recompute_units", timings):
+            units = [u.nodes for u in find_units(plan)]
+            recomputed = [
+                recompute_units(getattr(plan.program, f"submod_{b.index}"), units, getattr(plan.program, f"submod_{b.index}"))
+                for b in plan.blocks
+            ]
     return LocalModel(
         model,
         plan,
@@ -211,6 +240,7 @@ def transform(
         autocast=autocast,
         scheduler=scheduler,
         chunking=chunking,
+        recompute=recomputed,
         flags=flags,
         complete=_complete_lazy_plan,
     )

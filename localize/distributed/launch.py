@@ -160,7 +160,7 @@ def run_cli(args: argparse.Namespace) -> int:
             optimizer=args.optimizer,
             lr=args.lr,
             seed=args.seed,
-            balance=getattr(args, "balance", "flops"),
+            balance=getattr(args, "balance", None) or "flops",  # stages run at once: the slowest sets the pace
             cuts=cuts,
             max_frontier=getattr(args, "max_frontier", 1),
             training=args,

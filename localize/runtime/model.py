@@ -94,6 +94,7 @@ class LocalModel(nn.Module):
         autocast: str | None = None,
         scheduler: SchedulerFactory | None = None,
         chunking: Chunking | None = None,
+        recompute: list[fx.GraphModule] | None = None,
         flags: list[nn.Module] | None = None,
         complete: Callable[[LocalModel, list[Any]], None] | None = None,
     ) -> None:
@@ -107,6 +108,7 @@ class LocalModel(nn.Module):
         self.accumulate = accumulate
         self.autocast = autocast
         self.chunking = chunking
+        self.__dict__["_recompute"] = list(recompute or [])  # unregistered: they hold the blocks' layers
         self.step_count = 0
         self._optimizer_factory = optimizer
         self._scheduler_factory = scheduler
@@ -184,6 +186,7 @@ class LocalModel(nn.Module):
                 autocast=self.autocast,
                 scheduler=self._scheduler_factory is not None,
                 chunking=self.chunking,
+                block_modules=self._recompute or None,
             )
         return self._steps[key]
 
@@ -192,6 +195,12 @@ class LocalModel(nn.Module):
         """With ``chunk_size=``: each block's chunk program (the block on one chunk of the sequence,
         with the states it carries; :mod:`localize.passes.chunk_sequence`), else empty."""
         return list(self.chunking.programs) if self.chunking is not None else []
+
+    @property
+    def recompute_programs(self) -> list[fx.GraphModule]:
+        """With ``recompute=True``: each block split into runs, its units recomputed in backward
+        (:mod:`localize.passes.recompute_units`); what the step calls. Else empty."""
+        return list(self._recompute)
 
     @property
     def step_program(self) -> fx.GraphModule:
@@ -260,8 +269,8 @@ class LocalModel(nn.Module):
         super()._apply(fn, recurse)
         for block in self.blocks:
             block.module._apply(fn, recurse)
-        for chunked in self.chunk_programs:
-            chunked._apply(fn, recurse)
+        for other in self.chunk_programs + self.recompute_programs:
+            other._apply(fn, recurse)
         self._retie()
         return self
 
@@ -324,7 +333,8 @@ class LocalModel(nn.Module):
 
         Runs the generated step (:attr:`step_program`): each block runs forward from detached
         inputs, computes its loss (its aux head, or the model's output for the last block),
-        backpropagates inside itself, steps its optimizer and frees its graph before the next
+        backpropagates inside itself, steps its optimizer and frees its graph and its gradients
+        (``zero_grad(set_to_none=True)``: read ``.grad`` with ``update=False``) before the next
         block runs. ``inputs`` is a tensor, a tuple of tensors or a dict of keyword tensors.
         With ``accumulate=N`` the blocks update on every N-th call (:attr:`pending` counts the calls
         in between); ``update=True``/``False`` overrides that for this call (for a trainer that decides

@@ -13,6 +13,7 @@ runs the code fx writes for that graph, so each op below exists once:
 * :func:`optimizer_step` and :func:`after_update`: the block's update, then its head's hook (e.g.
   MAN's EMA), both skipped for a non-finite loss;
 * :func:`scheduler_step`: with ``scheduler=``, the block's learning-rate scheduler after its update;
+* :func:`release_gradients`: the block's gradients are freed once its update has used them;
 * :func:`autocast_enter` / :func:`autocast_exit`: with ``autocast="bf16"|"fp16"``, a block's forward
   and its loss run under ``torch.autocast`` (backward and the update do not).
 
@@ -66,6 +67,7 @@ __all__ = [
     "make_scalers",
     "make_schedulers",
     "optimizer_step",
+    "release_gradients",
     "run_step",
     "scheduler_step",
     "start_backward",
@@ -315,6 +317,16 @@ def scheduler_step(state: StepState, block: int, value: float, accumulate: int =
         scheduler = state.schedulers[block] if state.schedulers else None
         if scheduler is not None:
             scheduler.step()
+    return value
+
+
+def release_gradients(state: StepState, block: int, value: float, accumulate: int = 1) -> float:
+    """Free the block's gradients once its update used them (``zero_grad(set_to_none=True)``), so
+    they are not alive while the later blocks run; kept between the calls of an accumulation cycle
+    and when the update was skipped (a non-finite loss, ``update=False``)."""
+    optimizer = _updating(state, block, value, accumulate)
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
     return value
 
 
