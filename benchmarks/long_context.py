@@ -34,12 +34,12 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 from torch import nn
-from torch.distributed._tools.mem_tracker import MemTracker
 from torch.utils.checkpoint import checkpoint
 
 import localize
 from localize.data import char_vocab, stdlib_text
 from localize.runtime.memory import SavedActivationMeter
+from localize.runtime.peak import FlatMemTracker
 from localize.zoo import GPT
 
 METHODS = ("backprop", "checkpoint", "seco", "spaco")
@@ -112,38 +112,6 @@ def make(method: str, model: nn.Module, ids: torch.Tensor, chunk: int) -> Any:
         model, blocks=1, example_inputs=(ids[:, : 2 * chunk],), chunk_size=chunk, chunk_keep=keep,
         optimizer="adamw", lr=1e-3,
     )
-
-
-class _NoModules:
-    """Stands in for MemTracker's module tracker: no per-module hooks, always "forward, top level"."""
-
-    parents: frozenset = frozenset({"Global"})
-    is_bw = False
-
-    def register_user_hooks(self, *hooks: Any) -> None:
-        pass
-
-    def clear_user_hooks(self) -> None:
-        pass
-
-    def get_known_fqn(self, module: nn.Module) -> str:
-        return "Global"
-
-    def __enter__(self) -> _NoModules:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        pass
-
-
-class FlatMemTracker(MemTracker):
-    """torch's ``MemTracker`` without its per-module statistics: its module tracker refuses a module
-    called again before its backward, which every chunk does. Allocations, frees and the total peak
-    are MemTracker's own (its dispatch mode; parameters and optimizer state by ``track_external``)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._mod_tracker = _NoModules()
 
 
 def memory(step: Any, params: list[nn.Parameter], batch: tuple) -> tuple[int, int]:
