@@ -140,6 +140,8 @@ def transform(
         raise ConfigError(f"recompute must be True or False, got {recompute!r}")
     if recompute and chunk_size is not None:
         raise ConfigError("recompute=True and chunk_size= both trade time for memory; choose one")
+    if recompute and example_inputs is None and not example_kwargs:
+        raise ConfigError("recompute=True needs example_inputs: the units it recomputes are found by running the model")
     _check_options(example_kwargs, aux_options, loss_fn, lr)
     opt_factory = _optimizer_factory(optimizer, lr)
     example_inputs = _as_tuple(example_inputs)
@@ -219,15 +221,11 @@ def transform(
             chunking = _chunk_blocks(plan, heads, facts, flat, chunk_size, chunk_keep)
         _debug("chunk_sequence", chunking.programs[0], graphs)
     recomputed = None
-    if recompute and not annotated:
-        raise ConfigError("recompute=True needs example_inputs: the units it recomputes are found by running the model")
     if recompute:
         with _stage("recompute_units", timings):
             units = [u.nodes for u in find_units(plan)]
-            recomputed = [
-                recompute_units(getattr(plan.program, f"submod_{b.index}"), units, getattr(plan.program, f"submod_{b.index}"))
-                for b in plan.blocks
-            ]
+            blocks_gm = [getattr(plan.program, f"submod_{b.index}") for b in plan.blocks]
+            recomputed = [recompute_units(gm_b, units, gm_b) for gm_b in blocks_gm]
     return LocalModel(
         model,
         plan,
