@@ -262,7 +262,7 @@ def test_split_step_forwards_values_to_the_blocks_that_read_them(files):
     assert stages[0].sends[0] == "target" and stages[1].receives == stages[0].sends
     code = stages[1].program.code
     assert "localize_distributed_ops_recv(state)" in code and "localize_distributed_ops_send(state" in code
-    assert "all_reduce" not in code and "all_reduce_gradients" in split_step(lm, replicas=2)[1].program.code
+    assert "agree_loss" not in code and "agree_loss(state, 1, loss_1)" in split_step(lm, replicas=2)[1].program.code
 
 
 def test_messages_flatten_and_rebuild_nested_values():
@@ -469,16 +469,29 @@ def test_a_nan_loss_stops_the_pipeline_with_the_in_process_message(tmp_path):
     assert results[0][0] == 1 and f"{want} (rank 0);" in results[0][2], results[0][2][-800:]
 
 
-def test_replicas_average_gradients_like_one_big_batch(files, tmp_path):
-    """K = 2 stages x R = 2 replicas: each replica trains half of every batch of 12, gradients averaged."""
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_replicas_average_gradients_like_one_big_batch(files, tmp_path, accumulate):
+    """K = 2 stages x R = 2 replicas under DDP: each replica trains half of every batch of 12,
+    gradients averaged; with accumulate=2, DDP does not synchronise between the updates."""
     ckpt = tmp_path / "ckpt"
+    flags = ["--accumulate", str(accumulate)]
     results = _wait(
-        _launch(files["mlp"], 4, "--blocks", "2", "--batch-size", "12", "--checkpoint", str(ckpt))
+        _launch(files["mlp"], 4, "--blocks", "2", "--batch-size", "12", "--checkpoint", str(ckpt), *flags)
     )
     assert [r[0] for r in results] == [0, 0, 0, 0], [r[2][-1500:] for r in results]
     assert "2 stages x 2 replicas" in results[0][1]
-    ref = _reference(files["mlp"], 2, 12)
+    ref = _reference(files["mlp"], 2, 12, accumulate=accumulate)
     _assert_same_state(load_checkpoint(ckpt), ref.state_dict(), atol=1e-5)
+
+
+def test_a_nan_on_one_replica_stops_every_replica_alike(tmp_path):
+    """The replicas agree on the loss before backward: the replica whose half of the batch is NaN
+    and the one whose half is finite both stop with the in-process message, neither hangs in DDP."""
+    model = tmp_path / "nan.py"
+    model.write_text(NAN.replace("x[20:] = float('nan')", "x[25:30] = float('nan')"))
+    results = _wait(_launch(model, 2, "--blocks", "1", "--batch-size", "10", "--timeout", "20"), timeout=60)
+    for code, _, err in results:  # batch 2 = samples 20..29: replica 1's half holds the NaNs
+        assert code == 1 and "block 0 loss is nan at step 2" in err, err[-800:]
 
 
 # ----------------------------------------------------------------------------------------------- faults

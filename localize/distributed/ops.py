@@ -2,9 +2,10 @@
 
 :func:`localize.distributed.stages.split_step` inserts them where values cross ranks: ``recv`` at
 the start of every stage but the first, ``send`` after the block's forward, and with replicas
-``broadcast_buffers`` before the forward and ``all_reduce_gradients`` between ``backward`` and
-``check_loss``. Each calls the rank's pipeline runtime, ``state.comm`` (a
-:class:`localize.distributed.pipeline.Pipeline`), which owns the links and process groups.
+``agree_loss`` between the loss and ``backward``. Each calls the rank's pipeline runtime,
+``state.comm`` (a :class:`localize.distributed.pipeline.Pipeline`), which owns the links and process
+groups. Replicas average their gradients inside ``backward`` itself: the block and its head are
+wrapped in ``DistributedDataParallel``, whose bucketed all-reduce overlaps the backward pass.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 from localize.runtime.ops import StepState
 
-__all__ = ["EndOfStream", "all_reduce_gradients", "broadcast_buffers", "recv", "send"]
+__all__ = ["EndOfStream", "agree_loss", "recv", "send"]
 
 
 class EndOfStream(Exception):  # noqa: N818 - a signal, not an error
@@ -34,11 +35,7 @@ def send(state: StepState, values: list[Any]) -> None:
     state.comm.send_on(values)
 
 
-def broadcast_buffers(state: StepState, block: int) -> None:
-    """Replica 0's buffers (batch-norm statistics) before the forward, like DDP."""
-    state.comm.broadcast_buffers()
-
-
-def all_reduce_gradients(state: StepState, block: int, value: float) -> float:
-    """Average gradients and the loss over the stage's replicas; a NaN anywhere reaches every replica."""
-    return state.comm.all_reduce(value)
+def agree_loss(state: StepState, block: int, loss: Any) -> Any:
+    """The replicas' mean loss, with this replica's gradient; non-finite on every replica when it is
+    on one, so that all of them skip ``backward`` together (DDP's all-reduce needs every replica)."""
+    return state.comm.agree_loss(loss)

@@ -9,8 +9,10 @@ blocks (and its aux head) runs on R ranks:
   output on at once, then computes its local loss, backpropagates inside the block and steps its
   own optimizer. No gradient crosses a rank. Values a later block needs (a mask made by block 0
   and read by block 3, model inputs an aux loss reconstructs) are forwarded by the stages between.
-* the R replicas of a stage average their gradients (one all-reduce per dtype, like DDP) and
-  broadcast their buffers from replica 0 before each forward, like DDP's ``broadcast_buffers``.
+* the R replicas of a stage run their block and head under ``DistributedDataParallel`` over a
+  per-stage process group: gradients are averaged in buckets while backward runs, buffers come
+  from replica 0 before each forward, and between the calls of an accumulation cycle DDP does not
+  synchronise (``no_sync``).
 
 Every stage sees the microbatches in order and updates after each, so the parameters after
 training equal those of ``LocalModel.train_step`` run over the same batches in one process
@@ -46,6 +48,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from localize.distributed.batches import batch_len, iter_batches, shard_of, to_device
 from localize.distributed.ops import EndOfStream
@@ -122,6 +125,9 @@ class Pipeline:
             if self.block.aux is not None:
                 self.block.aux.to(self.device)
         lm._ensure_optimizers([self.block])  # only this rank's block: optimizer, scheduler, scaler
+        self.ddp = None
+        if self.layout.replicas > 1:
+            self._replicate()
         self.entries = _block_entries(lm, self.stage)  # what this block may change, for checkpoints
         self.prev = self._link(self.rank - 1, depth) if self.stage > 0 else None
         self.next = self._link(self.rank + 1, depth) if self.stage < self.layout.stages - 1 else None
@@ -222,6 +228,8 @@ class Pipeline:
         state.schedulers = [b.scheduler for b in self.lm.blocks]
         state.scalers = [b.scaler for b in self.lm.blocks]
         ops.begin_step(state, args)
+        if self.ddp is not None:
+            self._sync_gradients()
         with torch.enable_grad():
             value = self.program.program(state, *args)
         ops.end_step(state)
@@ -262,48 +270,45 @@ class Pipeline:
 
     # -------------------------------------------------------------- replicas
 
-    def all_reduce(self, value: float) -> float:
-        """Average gradients and the loss over the stage's replicas (like DDP); NaN anywhere skips all."""
-        finite = math.isfinite(value)
-        params = self.block.trainable
-        had_grad = [finite and p.grad is not None for p in params]
-        grads = [p.grad if ok else torch.zeros_like(p) for p, ok in zip(params, had_grad)]
-        buckets: dict[torch.dtype, list[torch.Tensor]] = {}
-        for g in grads:
-            buckets.setdefault(g.dtype, []).append(g)
-        flats = {dt: torch._utils._flatten_dense_tensors(gs) for dt, gs in buckets.items()}
-        loss = torch.tensor([value if finite else math.nan], dtype=torch.float64, device=self.device)
-        work = [dist.all_reduce(f, group=self.stage_group, async_op=True) for f in flats.values()]
-        work.append(dist.all_reduce(loss, group=self.stage_group, async_op=True))
-        self._collective("averaging gradients with", lambda: [w.wait() for w in work])
-        replicas = self.layout.replicas
-        for dt, flat in flats.items():
-            flat.div_(replicas)
-            for g, reduced in zip(buckets[dt], torch._utils._unflatten_dense_tensors(flat, buckets[dt])):
-                g.copy_(reduced)
-        for p, g, ok in zip(params, grads, had_grad):
-            p.grad = g if ok else None  # params without a gradient stay skipped, as in one process
-        return float(loss) / replicas
+    def agree_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The replicas' mean loss carrying this replica's gradient; NaN on all when on any.
 
-    def broadcast_buffers(self) -> None:
-        """Replica 0's buffers (batch-norm statistics) before each forward, like DDP."""
-        buffers = list(self.block.module.buffers())
-        if self.block.aux is not None:
-            buffers += list(self.block.aux.buffers())
-        if not buffers:
-            return
-        src = self.layout.stage_ranks(self.stage)[0]
-        buckets: dict[torch.dtype, list[torch.Tensor]] = {}
-        for b in buffers:
-            buckets.setdefault(b.dtype, []).append(b)
-        for bs in buckets.values():
-            flat = torch._utils._flatten_dense_tensors(bs)
-            self._collective(
-                "sharing buffers with", lambda f=flat: dist.broadcast(f, src, group=self.stage_group)
-            )
-            if self.replica != 0:
-                for b, v in zip(bs, torch._utils._unflatten_dense_tensors(flat, bs)):
-                    b.copy_(v)
+        ``loss - loss.detach() + mean`` has the mean's value and the local loss's gradient, so the
+        step reports what one process on the whole batch reports, and DDP's all-reduce (inside
+        ``backward``) averages the gradients. A non-finite loss anywhere makes every replica skip
+        ``backward`` together, so none waits for a gradient that never comes.
+        """
+        value = loss.detach().to(torch.float64).reshape(1)
+        self._collective("agreeing on the loss with", lambda: dist.all_reduce(value, group=self.stage_group))
+        mean = value / self.layout.replicas
+        if not math.isfinite(float(mean)):
+            return torch.full_like(loss.detach(), math.nan)
+        return loss - loss.detach() + mean.to(loss.dtype).reshape(loss.shape)
+
+    def _replicate(self) -> None:
+        """Run the block (and, through the same reducer, its head) under ``DistributedDataParallel``
+        over the stage's replicas: bucketed gradient all-reduce overlapping backward, buffers from
+        replica 0 before every forward. Parameters another block trains (tied weights) are ignored."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        replica = _StageReplica(self.block.module, self.block.aux)
+        mine = {id(p) for p in self.block.trainable}
+        ignored = [name for name, p in replica.named_parameters() if id(p) not in mine]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(replica, ignored)
+        self.ddp = DistributedDataParallel(
+            replica, process_group=self.stage_group, device_ids=[self.device] if self.device.type == "cuda" else None
+        )
+        program = self.program.program
+        for node in program.graph.nodes:
+            if node.op == "call_module" and node.target.startswith("block_"):
+                setattr(program, node.target, self.ddp)
+
+    def _sync_gradients(self) -> None:
+        """Whether this call's backward all-reduces: only when it updates (DDP's ``no_sync`` between
+        the calls of an accumulation cycle, whose gradients add up locally)."""
+        state = self.state
+        due = state.update if state.update is not None else state.pending + 1 >= self.lm.accumulate
+        self.ddp.require_backward_grad_sync = due
 
     # -------------------------------------------------------------- the end
 
@@ -376,6 +381,19 @@ class Pipeline:
         finite = [v for v in losses if math.isfinite(v)]
         mean = sum(finite) / len(finite) if finite else math.nan
         log(f"epoch {epoch + 1}/{epochs}: loss {mean:.4f} (last block, {len(losses)} microbatches)")
+
+
+class _StageReplica(nn.Module):
+    """What DDP wraps: the block (its forward is DDP's) and the head, whose parameters are used
+    after the forward but share the block's reducer, so one all-reduce serves both."""
+
+    def __init__(self, block: nn.Module, head: nn.Module | None) -> None:
+        super().__init__()
+        self.block = block
+        self.head = head
+
+    def forward(self, *args: Any) -> Any:
+        return self.block(*args)
 
 
 def _block_entries(lm: LocalModel, stage: int) -> list[tuple[str, Callable[[], torch.Tensor]]]:

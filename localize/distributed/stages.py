@@ -8,8 +8,10 @@ and a value crosses boundary ``s -> s+1`` when a stage ``<= s`` computes it and 
 reads it, so a value that block 0 makes and block 3 reads is forwarded by stages 1 and 2. Stage
 ``s > 0`` starts with a :func:`~localize.distributed.ops.recv` node and every stage but the last
 sends on right after its block's forward (:func:`~localize.distributed.ops.send`), before it learns,
-so the next stage starts at once. With replicas, a stage all-reduces its gradients between
-``backward`` and ``check_loss`` and shares batch-norm buffers before its forward.
+so the next stage starts at once. With replicas, a stage's replicas agree on the loss before
+``backward`` (:func:`~localize.distributed.ops.agree_loss`); the pipeline runs the block under
+``DistributedDataParallel``, which averages the gradients during ``backward`` and shares batch-norm
+buffers before the forward.
 
 The nodes a stage runs are the step graph's own nodes, in the step's order; fx writes each stage's
 code as it writes the step's.
@@ -148,6 +150,7 @@ _BLOCK_OPS = {
     ops.optimizer_step,
     ops.scheduler_step,
     ops.after_update,
+    ops.release_gradients,
     ops.autocast_enter,
     ops.autocast_exit,
 }
@@ -178,15 +181,16 @@ def _stage_program(step, nodes, owner, crossing, s: int, stages: int, replicas: 
         if not sent and action.endswith((":L", ":U")):
             graph.call_function(dist_ops.send, (env[state], [env[v] for v in sends]))
             sent = True
-        if n.op == "call_module" and replicas > 1 and n.target.startswith("block_"):
-            graph.call_function(dist_ops.broadcast_buffers, (env[state], s))
         if n.op in ("call_module", "get_attr"):
             root[n.target] = getattr(step, n.target)
-        env[n] = graph.node_copy(n, env.__getitem__)
-        if n.target is ops.backward and replicas > 1:
-            env[n] = graph.create_node(
-                "call_function", dist_ops.all_reduce_gradients, (env[state], s, env[n]), name=f"reduced_{s}"
+        lookup = env.__getitem__
+        if n.target is ops.backward and replicas > 1:  # the replicas agree on the loss before backward
+            loss = n.args[2]
+            agreed = graph.create_node(
+                "call_function", dist_ops.agree_loss, (env[state], s, env[loss]), name=f"agreed_{s}"
             )
+            lookup = lambda m, loss=loss, agreed=agreed: agreed if m is loss else env[m]  # noqa: E731
+        env[n] = graph.node_copy(n, lookup)
         if n.op == "call_function" and n.target in _BLOCK_OPS:
             value = env[n]
     if not sent:
