@@ -2,7 +2,7 @@
 in-process schedule trains, replicas average like one big batch, a dead or hung rank stops the
 others with one clear line, and bad launches fail in one line.
 
-Ranks are real processes with one thread each: forked from the test process (``_Rank``: it has
+Ranks are real processes with one thread each: forked from the test process (``Rank``: it has
 imported torch already, which saves seconds per rank) running ``python -m localize.distributed``'s
 ``main``, and once launched cold by torchrun. The in-process reference runs the same batches through
 ``LocalModel.train_step``.
@@ -10,26 +10,24 @@ imported torch already, which saves seconds per rank) running ``python -m locali
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
 from program_helpers import write_program
+from ranks import assert_same_state, free_port, launch, launch_module, rank_env, reference, wait_all
 
 import localize
 from localize.aux import available
 from localize.data import epoch_batches
 from localize.distributed import iter_batches, load_checkpoint, load_local_model, model_state_dict
+from localize.distributed.checkpoint import read_keys
 from localize.distributed.stages import Layout, split_step
 from localize.distributed.wire import flatten_values, one_line, unflatten_values
 from localize.runtime.ops import NonFiniteLossError, StepState, run_step
@@ -119,131 +117,6 @@ def files(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(world: int, **extra: str) -> dict[str, str]:
-    env = dict(
-        os.environ,
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_free_port()),
-        WORLD_SIZE=str(world),
-        LOCAL_WORLD_SIZE=str(world),
-        OMP_NUM_THREADS="1",
-        **extra,
-    )
-    env.pop("TORCHELASTIC_RUN_ID", None)
-    return env
-
-
-class _Rank:
-    """One rank forked from this (warm) process: it skips the seconds of importing torch and
-    localize that a fresh interpreter pays, which keeps multi-process tests fast on 2 cores. The
-    child runs ``python -m localize.distributed``'s ``main`` with torchrun's environment and its
-    stdout/stderr (file descriptors 1 and 2, so C++ logs too) in files, like a separate process."""
-
-    def __init__(self, module: str, argv: list[str], env: dict[str, str], logs: Path) -> None:
-        self.out, self.err = logs.with_suffix(".out"), logs.with_suffix(".err")
-        self.returncode: int | None = None
-        self.pid = os.fork()
-        if self.pid == 0:  # the child: never returns into pytest
-            code = 3
-            try:
-                os.environ.clear()
-                os.environ.update(env)
-                for fd, path in ((1, self.out), (2, self.err)):
-                    os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-                sys.stdout = open(1, "w", buffering=1, closefd=False)
-                sys.stderr = open(2, "w", buffering=1, closefd=False)
-                code = importlib.import_module(module).main(argv)
-            except BaseException:  # noqa: BLE001 - report anything, then leave without pytest's cleanup
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-
-    def poll(self) -> int | None:
-        if self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
-        return self.returncode
-
-    def communicate(self, timeout: float) -> tuple[str, str]:
-        deadline = time.time() + timeout
-        while self.poll() is None:
-            if time.time() > deadline:
-                raise subprocess.TimeoutExpired(f"rank pid {self.pid}", timeout)
-            time.sleep(0.02)
-        return self.out.read_text(), self.err.read_text()
-
-    def kill(self) -> None:
-        if self.poll() is None:
-            os.kill(self.pid, signal.SIGKILL)
-            os.waitpid(self.pid, 0)
-            self.returncode = -signal.SIGKILL
-
-    def wait(self) -> int | None:
-        if self.returncode is None:
-            self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
-        return self.returncode
-
-
-def _launch(model: Path, world: int, *args: str, ranks: int | None = None, **extra: str) -> list[_Rank]:
-    """``python -m localize.distributed MODEL.py ARGS`` on the first ``ranks`` ranks of ``world``, one thread each."""
-    return _launch_module(
-        "localize.distributed", [str(model), *args, "--threads", "1"], world, ranks, **extra
-    )
-
-
-def _launch_module(
-    module: str, argv: list[str], world: int, ranks: int | None = None, **extra: str
-) -> list[_Rank]:
-    """``module.main(argv)`` on the first ``ranks`` ranks of ``world``, with torchrun's environment."""
-    env = _env(world, **extra)
-    logs = Path(tempfile.mkdtemp(prefix="ranks"))
-    return [
-        _Rank(module, argv, dict(env, RANK=str(r), LOCAL_RANK=str(r)), logs / f"rank{r}")
-        for r in range(world if ranks is None else ranks)
-    ]
-
-
-def _wait(procs: list, timeout: float = 60) -> list[tuple[int, str, str]]:
-    results = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=timeout)
-            results.append((p.returncode, out, err))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    return results
-
-
-def _reference(model: Path, blocks: int, batch_size: int, **options) -> localize.LocalModel:
-    """The same LocalModel trained in one process over the same batches, with one thread like the ranks."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        lm, mf = load_local_model(str(model), blocks, **options)
-        for x, y in iter_batches(mf.dataset()[0], batch_size):
-            lm.train_step(x, y)
-    finally:
-        torch.set_num_threads(threads)
-    return lm
-
-
-def _assert_same_state(got: dict, want: dict, atol: float) -> None:
-    assert set(got) == set(want)
-    for k, v in want.items():
-        torch.testing.assert_close(got[k], v, atol=atol, rtol=0, msg=k)
-
-
 # ----------------------------------------------------------------------------------------------- no processes
 
 
@@ -323,7 +196,7 @@ def test_cli_under_torchrun_equals_the_in_process_schedule(files, tmp_path):
         "--master-addr",
         "127.0.0.1",
         "--master-port",
-        str(_free_port()),
+        str(free_port()),
         "-m",
         "localize",
         str(files["mlp"]),
@@ -340,19 +213,19 @@ def test_cli_under_torchrun_equals_the_in_process_schedule(files, tmp_path):
         "--out",
         str(out),
     ]
-    [(code, stdout, err)] = _wait(
-        [subprocess.Popen(cmd, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)],
+    [(code, stdout, err)] = wait_all(
+        [subprocess.Popen(cmd, env=rank_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)],
         timeout=120,
     )
     assert code == 0, err[-2000:]
     assert "trained 14 microbatches on 2 stages x 1 replicas" in stdout and "epoch 2/2: loss" in stdout
-    assert sorted(p.name for p in out.iterdir()) == ["block0.pt", "block1.pt", "metrics.json", "model.pt"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "metrics.json", "model.pt"]
     lm, mf = load_local_model(str(files["mlp"]), 2, seed=3)
     for epoch in range(2):
         for x, y in epoch_batches(mf.dataset()[0], 8, epoch, 3):
             lm.train_step(x, y)
     state = load_checkpoint(out)
-    _assert_same_state(state, lm.state_dict(), atol=1e-6)
+    assert_same_state(state, lm.state_dict(), atol=1e-6)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 14 and metrics["samples"] == 112 and len(metrics["losses"]) == 14
     # the assembled state dict loads into a fresh LocalModel and into the original model
@@ -362,12 +235,12 @@ def test_cli_under_torchrun_equals_the_in_process_schedule(files, tmp_path):
     original.load_state_dict(model_state_dict(state))
     x = torch.randn(3, 16)
     torch.testing.assert_close(original(x), lm.model(x), atol=1e-6, rtol=0)
-    block1 = torch.load(out / "block1.pt", weights_only=False)
-    assert (
-        block1["step"] == 14
-        and block1["optimizer"]["state"]
-        and all(not k.startswith("aux.0.") for k in block1["state"])
-    )
+    # every stage wrote its shard of OUT/checkpoint: read in this one process, it equals model.pt,
+    # and it holds each block's optimizer state at step 14
+    assert_same_state(load_checkpoint(out / "checkpoint"), state, atol=0)
+    [step] = (out / "checkpoint").iterdir()
+    keys = read_keys(step)
+    assert step.name == "step-00000014" and "optim/1/state/0/exp_avg" in keys and "optim/0/state/0/exp_avg" in keys
 
 
 def test_cli_distributed_flags_fail_in_one_line(files, tmp_path):
@@ -375,12 +248,13 @@ def test_cli_distributed_flags_fail_in_one_line(files, tmp_path):
     multiple of K: one line from rank 0, exit code 2."""
     cases = [
         ((), 1, "--distributed trains one block per process; add --train"),
-        (("--train", "--resume", str(files["mlp"])), 1, "--resume does not apply to --distributed"),
+        (("--train", "--compare-bp"), 1, "--compare-bp does not apply to --distributed"),
+        (("--train", "--resume", str(tmp_path)), 2, "no complete distributed checkpoint there"),
         (("--train",), 3, "world size 3 is not a multiple of the 2 blocks"),
     ]
     for extra, world, message in cases:
         argv = [str(files["mlp"]), "--blocks", "2", "--distributed", "--out", str(tmp_path / "out"), *extra]
-        results = _wait(_launch_module("localize.cli.main", argv, world, ranks=min(world, 2)))
+        results = wait_all(launch_module("localize.cli.main", argv, world, ranks=min(world, 2)))
         assert all(code == 2 for code, _, _ in results), results
         lines = results[0][2].strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("localize: error: ") and message in lines[0], lines
@@ -390,12 +264,12 @@ def test_cli_distributed_flags_fail_in_one_line(files, tmp_path):
 def test_four_processes_forwarding_values_equal_the_in_process_schedule(files, tmp_path):
     """K = 4: the mask and an int size made by block 0 cross ranks 1 and 2 to reach block 3."""
     ckpt = tmp_path / "ckpt"
-    results = _wait(
-        _launch(files["masked"], 4, "--blocks", "4", "--batch-size", "10", "--checkpoint", str(ckpt))
+    results = wait_all(
+        launch(files["masked"], 4, "--blocks", "4", "--batch-size", "10", "--checkpoint", str(ckpt))
     )
     assert [r[0] for r in results] == [0, 0, 0, 0], [r[2][-1500:] for r in results]
-    ref = _reference(files["masked"], 4, 10)
-    _assert_same_state(load_checkpoint(ckpt), ref.state_dict(), atol=1e-6)
+    ref = reference(files["masked"], 4, 10)
+    assert_same_state(load_checkpoint(ckpt), ref.state_dict(), atol=1e-6)
 
 
 NAN = MLP.replace("x = torch.randn(60, 16, generator=g)", "x = torch.randn(60, 16, generator=g)\n    x[20:] = float('nan')")
@@ -405,13 +279,13 @@ NAN = MLP.replace("x = torch.randn(60, 16, generator=g)", "x = torch.randn(60, 1
 def test_pipeline_program_and_in_process_end_with_the_same_parameters(aux, files, tmp_path):
     """Three steps of the same batches: 2 ranks over gloo, program.py, and LocalModel.train_step."""
     ckpt = tmp_path / "ckpt"
-    procs = _launch(files["masked"], 2, "--blocks", "2", "--aux", aux, "--batch-size", "15", "--checkpoint", str(ckpt))
+    procs = launch(files["masked"], 2, "--blocks", "2", "--aux", aux, "--batch-size", "15", "--checkpoint", str(ckpt))
     program_lm, mf = load_local_model(str(files["masked"]), 2, aux=aux)
     program = write_program(program_lm, mf.example_inputs(), tmp_path / "program")
-    ref = _reference(files["masked"], 2, 15, aux=aux)
-    results = _wait(procs)
+    ref = reference(files["masked"], 2, 15, aux=aux)
+    results = wait_all(procs)
     assert [r[0] for r in results] == [0, 0], [r[2][-1500:] for r in results]
-    _assert_same_state(load_checkpoint(ckpt), ref.state_dict(), atol=0)
+    assert_same_state(load_checkpoint(ckpt), ref.state_dict(), atol=0)
     step = program.build().train()
     state = StepState(ref.loss_fn, program.make_optimizers(step))
     batches = list(iter_batches(mf.dataset()[0], 15))
@@ -427,12 +301,12 @@ def test_pipeline_program_and_in_process_end_with_the_same_parameters(aux, files
 def test_gradient_clipping_is_the_same_on_a_pipeline(files, tmp_path):
     """clip_grad_norm is a node of the step graph: each stage clips its block as train_step does."""
     ckpt = tmp_path / "ckpt"
-    procs = _launch(files["masked"], 2, "--blocks", "2", "--clip", "0.05", "--batch-size", "15", "--checkpoint", str(ckpt))
-    ref = _reference(files["masked"], 2, 15, clip_grad_norm=0.05)
-    unclipped = _reference(files["masked"], 2, 15)
-    results = _wait(procs)
+    procs = launch(files["masked"], 2, "--blocks", "2", "--clip", "0.05", "--batch-size", "15", "--checkpoint", str(ckpt))
+    ref = reference(files["masked"], 2, 15, clip_grad_norm=0.05)
+    unclipped = reference(files["masked"], 2, 15)
+    results = wait_all(procs)
     assert [r[0] for r in results] == [0, 0], [r[2][-1500:] for r in results]
-    _assert_same_state(load_checkpoint(ckpt), ref.state_dict(), atol=0)
+    assert_same_state(load_checkpoint(ckpt), ref.state_dict(), atol=0)
     assert any(not torch.equal(a, b) for a, b in zip(ref.state_dict().values(), unclipped.state_dict().values()))
 
 
@@ -443,14 +317,14 @@ def test_training_loop_options_are_the_same_on_a_pipeline(files, tmp_path):
 
     ckpt = tmp_path / "ckpt"
     flags = ["--accumulate", "2", "--amp", "bf16", "--schedule", "cosine", "--warmup", "1", "--clip", "0.05"]
-    procs = _launch(files["masked"], 2, "--blocks", "2", "--batch-size", "9", "--checkpoint", str(ckpt), *flags)
+    procs = launch(files["masked"], 2, "--blocks", "2", "--batch-size", "9", "--checkpoint", str(ckpt), *flags)
     args = argparse.Namespace(
         clip=0.05, accumulate=2, amp="bf16", schedule="cosine", warmup=1, epochs=1, batch_size=9
     )
-    ref = _reference(files["masked"], 2, 9, training=args)
-    results = _wait(procs)
+    ref = reference(files["masked"], 2, 9, training=args)
+    results = wait_all(procs)
     assert [r[0] for r in results] == [0, 0], [r[2][-1500:] for r in results]
-    _assert_same_state(load_checkpoint(ckpt), ref.state_dict(), atol=0)
+    assert_same_state(load_checkpoint(ckpt), ref.state_dict(), atol=0)
     assert ref.schedulers[0].last_epoch == 2 and ref.pending == 1  # 5 batches: 2 updates, 1 pending
 
 
@@ -458,7 +332,7 @@ def test_a_nan_loss_stops_the_pipeline_with_the_in_process_message(tmp_path):
     """on_nan exists once (runtime.ops.check_loss): the rank that meets it says what train_step says."""
     model = tmp_path / "nan.py"
     model.write_text(NAN)
-    results = _wait(_launch(model, 2, "--blocks", "2", "--batch-size", "10"))
+    results = wait_all(launch(model, 2, "--blocks", "2", "--batch-size", "10"))
     lm, mf = load_local_model(str(model), 2)
     batches = list(iter_batches(mf.dataset()[0], 10))
     for x, y in batches[:2]:
@@ -475,13 +349,13 @@ def test_replicas_average_gradients_like_one_big_batch(files, tmp_path, accumula
     gradients averaged; with accumulate=2, DDP does not synchronise between the updates."""
     ckpt = tmp_path / "ckpt"
     flags = ["--accumulate", str(accumulate)]
-    results = _wait(
-        _launch(files["mlp"], 4, "--blocks", "2", "--batch-size", "12", "--checkpoint", str(ckpt), *flags)
+    results = wait_all(
+        launch(files["mlp"], 4, "--blocks", "2", "--batch-size", "12", "--checkpoint", str(ckpt), *flags)
     )
     assert [r[0] for r in results] == [0, 0, 0, 0], [r[2][-1500:] for r in results]
     assert "2 stages x 2 replicas" in results[0][1]
-    ref = _reference(files["mlp"], 2, 12, accumulate=accumulate)
-    _assert_same_state(load_checkpoint(ckpt), ref.state_dict(), atol=1e-5)
+    ref = reference(files["mlp"], 2, 12, accumulate=accumulate)
+    assert_same_state(load_checkpoint(ckpt), ref.state_dict(), atol=1e-5)
 
 
 def test_a_nan_on_one_replica_stops_every_replica_alike(tmp_path):
@@ -489,7 +363,7 @@ def test_a_nan_on_one_replica_stops_every_replica_alike(tmp_path):
     and the one whose half is finite both stop with the in-process message, neither hangs in DDP."""
     model = tmp_path / "nan.py"
     model.write_text(NAN.replace("x[20:] = float('nan')", "x[25:30] = float('nan')"))
-    results = _wait(_launch(model, 2, "--blocks", "1", "--batch-size", "10", "--timeout", "20"), timeout=60)
+    results = wait_all(launch(model, 2, "--blocks", "1", "--batch-size", "10", "--timeout", "20"), timeout=60)
     for code, _, err in results:  # batch 2 = samples 20..29: replica 1's half holds the NaNs
         assert code == 1 and "block 0 loss is nan at step 2" in err, err[-800:]
 
@@ -504,7 +378,7 @@ def test_a_lost_rank_stops_the_others_with_one_clear_line(files, tmp_path, sig, 
     """Kill (or freeze) the middle rank of 3 mid-run: the ranks before and after it exit non-zero,
     within the timeout, each with one line naming the rank it lost."""
     marker = tmp_path / "started"
-    procs = _launch(files["stream"], 3, "--blocks", "3", "--timeout", timeout, MARKER=str(marker))
+    procs = launch(files["stream"], 3, "--blocks", "3", "--timeout", timeout, MARKER=str(marker))
     try:
         deadline = time.time() + 60
         while not marker.exists():
@@ -513,7 +387,7 @@ def test_a_lost_rank_stops_the_others_with_one_clear_line(files, tmp_path, sig, 
         time.sleep(0.3)
         start = time.time()
         os.kill(procs[1].pid, sig)
-        results = _wait([procs[0], procs[2]], timeout=60)
+        results = wait_all([procs[0], procs[2]], timeout=60)
         elapsed = time.time() - start
     finally:
         procs[1].kill()
@@ -531,9 +405,9 @@ def test_a_lost_rank_stops_the_others_with_one_clear_line(files, tmp_path, sig, 
 def test_a_rank_that_never_starts_stops_the_others_after_the_startup_timeout(files):
     """World size 3 but only ranks 0 and 1 start: both give up on the rendezvous within the startup
     timeout, exit non-zero, and their last line says which rank could not join."""
-    procs = _launch(files["mlp"], 3, "--blocks", "3", "--startup-timeout", "3", ranks=2)
+    procs = launch(files["mlp"], 3, "--blocks", "3", "--startup-timeout", "3", ranks=2)
     start = time.time()
-    results = _wait(procs, timeout=60)
+    results = wait_all(procs, timeout=60)
     assert time.time() - start < 30
     for rank, (code, _, err) in enumerate(results):
         last = err.strip().splitlines()[-1]  # c10d may log socket warnings first
@@ -545,13 +419,13 @@ def test_a_rank_that_never_starts_stops_the_others_after_the_startup_timeout(fil
 def test_bad_launches_fail_in_one_line(files):
     """World size not a multiple of K, and K larger than the model's legal cuts: rank 0 prints one line,
     the other ranks exit quietly. Both are caught before the rendezvous, so ranks 0 and 1 suffice."""
-    not_multiple = _launch(files["mlp"], 3, "--blocks", "2", ranks=2)
-    too_many = _launch(files["mlp"], 8, "--blocks", "8", ranks=2)
+    not_multiple = launch(files["mlp"], 3, "--blocks", "2", ranks=2)
+    too_many = launch(files["mlp"], 8, "--blocks", "8", ranks=2)
     for procs, pattern in [
         (not_multiple, "world size 3 is not a multiple of the 2 blocks"),
         (too_many, "blocks=8 needs 7 cuts, but this model has only"),
     ]:
-        results = _wait(procs)
+        results = wait_all(procs)
         assert all(code == 2 for code, _, _ in results), results
         lines = results[0][2].strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("localize: error: ") and pattern in lines[0], lines

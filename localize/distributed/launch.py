@@ -49,6 +49,8 @@ def main_from_cli(
     timeout: float = 30.0,
     startup_timeout: float = STARTUP_TIMEOUT,
     log: Callable[[str], None] | None = print,
+    checkpoint_every: int = 0,
+    resume: str | os.PathLike | None = None,
 ) -> int:
     """:func:`train` on this rank, its errors turned into an exit code (``python -m localize.distributed``).
 
@@ -68,6 +70,8 @@ def main_from_cli(
             timeout=timeout,
             startup_timeout=startup_timeout,
             log=log if is_main_process() or _is_last_stage(lm) else None,
+            checkpoint_every=checkpoint_every,
+            resume=resume,
         )
     except LocalizeError as e:
         return report_error(e)
@@ -103,7 +107,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shuffle", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--checkpoint", default=None, help="directory for block<s>.pt and the assembled model.pt"
+        "--checkpoint", default=None, help="directory for the final checkpoint/ and the assembled model.pt"
+    )
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=0, metavar="N",
+        help="also checkpoint every N microbatches into CHECKPOINT.checkpoint/ (needs --checkpoint)",
+    )
+    parser.add_argument(
+        "--resume", default=None, metavar="PATH|auto",
+        help="continue from a distributed checkpoint folder; auto: the latest in CHECKPOINT.checkpoint/ if any",
     )
     parser.add_argument(
         "--timeout", type=float, default=30.0, help="seconds to wait for a peer before stopping"
@@ -134,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         timeout=args.timeout,
         startup_timeout=args.startup_timeout,
         log=None if args.quiet else print,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
     )
 
 
@@ -143,8 +157,11 @@ def run_cli(args: argparse.Namespace) -> int:
     :mod:`localize.cli.main` calls it on every rank torchrun starts, with its parsed arguments. Every
     rank builds the model as ``localize --train`` does (seeded, same ``transform`` options); stage 0
     reads ``dataset()``'s training split in the batches ``--train`` uses (the same order for the same
-    ``--seed``); each stage trains its block; rank 0 writes ``block<s>.pt``, the assembled
-    ``model.pt`` and ``metrics.json`` into ``--out``. ``--device cuda`` uses nccl (one GPU per
+    ``--seed``); each stage trains its block; every stage writes its shard of ``OUT/checkpoint/``
+    (``torch.distributed.checkpoint``) and rank 0 the assembled ``model.pt`` and ``metrics.json``.
+    ``--checkpoint-every N`` writes ``OUT.checkpoint/step-<N>/`` every N microbatches (removed when
+    the run ends); ``--resume PATH`` continues from one, ``--resume auto`` from the latest there if
+    any (what a ``torchrun --max-restarts`` relaunch needs). ``--device cuda`` uses nccl (one GPU per
     process, ``cuda:LOCAL_RANK``), the default ``cpu`` gloo. Errors are one line on stderr (exit
     code 2 for a bad launch, printed by rank 0; 1 for a lost peer, printed by the ranks that saw it).
     """
@@ -172,6 +189,7 @@ def run_cli(args: argparse.Namespace) -> int:
         data = _cli_data(args, mf) if int(os.environ.get("RANK", "0")) % blocks == 0 else None
     except LocalizeError as e:
         return report_error(e)
+    every = getattr(args, "checkpoint_every", None) or 0
     try:
         result = train(
             lm,
@@ -182,6 +200,8 @@ def run_cli(args: argparse.Namespace) -> int:
             startup_timeout=getattr(args, "startup_timeout", STARTUP_TIMEOUT),
             backend=backend,
             log=print if is_main_process() or _is_last_stage(lm) else None,
+            checkpoint_every=every,
+            resume=getattr(args, "resume", None),
         )
     except LocalizeError as e:
         return report_error(e)
@@ -207,16 +227,10 @@ def _cli_options(args: argparse.Namespace) -> tuple[int, list[str] | None, str]:
     """(K, cuts, backend) for ``--distributed``, or a ConfigError for flags that do not apply."""
     if not args.train:
         raise ConfigError("--distributed trains one block per process; add --train")
-    for flag, attr in (
-        ("--compare-bp", "compare_bp"),
-        ("--checkpoint-every", "checkpoint_every"),
-        ("--resume", "resume"),
-    ):
-        if getattr(args, attr, None):
-            raise ConfigError(
-                f"{flag} does not apply to --distributed (each rank checkpoints into --out at the end)"
-                f"; drop {flag}"
-            )
+    if getattr(args, "compare_bp", None):
+        raise ConfigError(
+            "--compare-bp does not apply to --distributed (it trains backprop in one process); drop --compare-bp"
+        )
     cuts = [c.strip() for c in args.cuts.split(",") if c.strip()] if getattr(args, "cuts", None) else None
     blocks = args.blocks or (len(cuts) + 1 if cuts else None)
     if blocks is None:

@@ -37,6 +37,7 @@ A rank that dies or hangs makes the others stop within the process-group ``timeo
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import time
@@ -51,6 +52,7 @@ import torch.distributed as dist
 from torch import nn
 
 from localize.distributed.batches import batch_len, iter_batches, shard_of, to_device
+from localize.distributed.checkpoint import restore_stage, save_state, stage_state
 from localize.distributed.ops import EndOfStream
 from localize.distributed.stages import Layout, StageProgram, split_step
 from localize.distributed.wire import Link, Op, PeerError, one_line
@@ -97,7 +99,13 @@ class Pipeline:
     """One rank's part: its stage's block, its links to the neighbours, its replica group."""
 
     def __init__(
-        self, lm: LocalModel, timeout: timedelta, device: Any, depth: int, groups: list[dist.ProcessGroup]
+        self,
+        lm: LocalModel,
+        timeout: timedelta,
+        device: Any,
+        depth: int,
+        groups: list[dist.ProcessGroup],
+        resume: str | os.PathLike | None = None,
     ) -> None:
         self.lm = lm
         self.timeout = timeout
@@ -118,20 +126,30 @@ class Pipeline:
                 groups.append(g)
                 if s == self.stage:
                     self.stage_group = g
-        self._check_same_model()
         self.block = lm.blocks[self.stage]
         if self.device.type != "cpu":
             self.block.module.to(self.device)
             if self.block.aux is not None:
                 self.block.aux.to(self.device)
         lm._ensure_optimizers([self.block])  # only this rank's block: optimizer, scheduler, scaler
+        self.entries = _block_entries(lm, self.stage)  # what this block may change, for checkpoints
+        self.state = ops.StepState(lm.loss_fn, [], lm.on_nan, where=f" (rank {self.rank})", comm=self)
+        self.resumed: dict[str, Any] | None = None
+        if resume is not None:  # before the model check: every rank must resume from the same step
+            self.resumed = restore_stage(lm, self.stage, self.entries, self.rank, Path(resume))
+            self.resumed["folder"] = Path(resume)
+            self.state.pending = self.resumed["pending"]
+        self._check_same_model()
+        # checkpoints travel on a group of their own, apart from the activations' point-to-point traffic
+        self.checkpoint_group = dist.new_group(
+            list(range(self.layout.world_size)), timeout=max(timeout, timedelta(seconds=120))
+        )
+        groups.append(self.checkpoint_group)
         self.ddp = None
         if self.layout.replicas > 1:
             self._replicate()
-        self.entries = _block_entries(lm, self.stage)  # what this block may change, for checkpoints
         self.prev = self._link(self.rank - 1, depth) if self.stage > 0 else None
         self.next = self._link(self.rank + 1, depth) if self.stage < self.layout.stages - 1 else None
-        self.state = ops.StepState(lm.loss_fn, [], lm.on_nan, where=f" (rank {self.rank})", comm=self)
         self.step_no, self.epoch, self.samples = 0, 0, 0  # the microbatch in flight, for messages
 
     def describe(self, rank: int) -> str:
@@ -184,25 +202,40 @@ class Pipeline:
 
     # -------------------------------------------------------------- the loop
 
-    def train(self, data, epochs, batch_size, shuffle, seed, checkpoint, gather, log) -> DistributedResult:
+    def train(
+        self, data, epochs, batch_size, shuffle, seed, checkpoint, gather, log, every=0, checkpoints=None
+    ) -> DistributedResult:
         lm = self.lm
         lm.train()
         losses: list[float] = []
+        self.every, self.checkpoints = every, checkpoints
+        step, position = 0, {"epoch": 0, "batch": 0}
+        if self.resumed is not None:
+            step = self.resumed["done"]
+            position = self.resumed["position"] or position
+            if log is not None and self.rank == 0:
+                log(
+                    f"resumed from {self.resumed['folder']} at microbatch {step} (epoch {position['epoch'] + 1}, "
+                    f"batch {position['batch']})"
+                )
         self._collective("starting with", lambda: dist.barrier(group=self.group))
         start, cpu = time.perf_counter(), time.process_time()
-        step = 0
+        first = step
         if self.stage == 0:
-            for epoch in range(epochs):
-                for batch in iter_batches(data, batch_size, shuffle=shuffle, seed=seed, epoch=epoch):
+            for epoch in range(position["epoch"], epochs):
+                skip = position["batch"] if epoch == position["epoch"] else 0
+                batches = iter_batches(data, batch_size, shuffle=shuffle, seed=seed, epoch=epoch)
+                for i, batch in enumerate(itertools.islice(batches, skip, None), start=skip):
                     flat, target = self._shard(batch, step)
                     self.samples += batch_len(target)
                     self.step_no, self.epoch = step, epoch
                     losses.append(self._run([*flat, target]))
                     step += 1
+                    self._maybe_checkpoint(step, {"epoch": epoch, "batch": i + 1})
                 self._log_epoch(log, epoch, epochs, losses)
             last_epoch = epochs - 1
         else:
-            epoch, seen = 0, 0
+            epoch, seen = position["epoch"], 0
             while True:
                 self.step_no = step
                 try:
@@ -215,11 +248,29 @@ class Pipeline:
                     epoch, seen = self.epoch, len(losses)
                 losses.append(value)
                 step += 1
+                self._maybe_checkpoint(step, None)
             self._log_epoch(log, epoch, epochs, losses[seen:])
         if self.next is not None:
             self.next.stop(step, last_epoch)
         elapsed, self.cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
-        return self._finish(step, self.samples, elapsed, losses, checkpoint, gather, log)
+        self.position = {"epoch": epochs, "batch": 0}
+        return self._finish(step - first, step, self.samples, elapsed, losses, checkpoint, gather, log)
+
+    def _maybe_checkpoint(self, step: int, position: dict[str, int] | None) -> None:
+        if self.every and step % self.every == 0:
+            self._save(self.checkpoints, step, position)
+
+    def _save(self, root: Path, step: int, position: dict[str, int] | None) -> Path:
+        """Every rank writes its stage's shard of microbatch ``step`` (a collective: each rank calls
+        it after its own ``step``-th microbatch; it counts once the last rank has written)."""
+        state = stage_state(
+            self.lm, self.stage, self.entries, self.rank, self.state.pending, position, self.layout
+        )
+        state[f"loop/{self.stage}"]["done"] = step
+        return self._collective(
+            "writing a checkpoint with",
+            lambda: save_state(state, root, step, group=self.checkpoint_group),
+        )
 
     def _run(self, args: list[Any]) -> float:
         """This stage's slice of the generated step on one microbatch."""
@@ -312,19 +363,14 @@ class Pipeline:
 
     # -------------------------------------------------------------- the end
 
-    def _finish(self, steps, samples, elapsed, losses, checkpoint, gather, log) -> DistributedResult:
+    def _finish(self, steps, done, samples, elapsed, losses, checkpoint, gather, log) -> DistributedResult:
         lm = self.lm
         folder = Path(checkpoint) if checkpoint is not None else None
+        if folder is not None:  # every stage its own shard, in parallel: resumable with --epochs MORE
+            self._save(folder / "checkpoint", done, self.position if self.stage == 0 else None)
         state = None
-        if self.replica == 0 and (folder is not None or gather):
+        if self.replica == 0 and gather:
             state = {k: v.detach().cpu().clone() for k, v in self._block_state().items()}
-            if folder is not None:
-                folder.mkdir(parents=True, exist_ok=True)
-                opt = self.block.optimizer.state_dict() if self.block.optimizer is not None else None
-                _save_atomically(
-                    {"block": self.stage, "step": steps, "state": state, "optimizer": opt},
-                    folder / f"block{self.stage}.pt",
-                )
         mine = (
             self.stage,
             self.replica,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -12,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from localize.distributed.checkpoint import find_latest
+from localize.distributed.checkpoint import load_checkpoint as load_distributed
 from localize.distributed.pipeline import DistributedResult, Pipeline
 from localize.distributed.stages import Layout
 from localize.distributed.wire import PeerError, one_line
@@ -41,6 +44,8 @@ def train(
     depth: int = 2,
     gather: bool = True,
     log: Callable[[str], None] | None = None,
+    checkpoint_every: int = 0,
+    resume: str | os.PathLike | None = None,
 ) -> DistributedResult:
     """Train ``lm`` with one block per pipeline stage; call it on every rank with the same ``lm``.
 
@@ -53,10 +58,18 @@ def train(
             callable ``epoch -> iterable of batches``. See :func:`iter_batches`.
         epochs, batch_size, shuffle, seed: how tensor data is batched (``shuffle`` permutes with
             ``seed + epoch``).
-        checkpoint: a directory: every stage saves ``block<s>.pt`` (its entries, optimizer and
-            step) atomically, and rank 0 writes ``model.pt``, a state dict that loads into
-            ``LocalModel`` (``lm.load_state_dict``) and, through :func:`model_state_dict`, into the
-            original model.
+        checkpoint: a directory: when training ends every stage writes its shard of
+            ``checkpoint/`` (a ``torch.distributed.checkpoint``: parameters, head, optimizer,
+            scheduler, RNG, step, data position; resumable), and rank 0 writes ``model.pt``, a
+            state dict that loads into ``LocalModel`` (``lm.load_state_dict``) and, through
+            :func:`model_state_dict`, into the original model.
+        checkpoint_every: with ``checkpoint``, also every N microbatches into
+            ``<checkpoint>.checkpoint/step-<N>/`` (the two latest complete ones are kept; removed
+            once the run has ended and written ``checkpoint/``).
+        resume: a checkpoint folder (``step-<N>``, or a folder holding them: the latest complete
+            one) to continue from; ``"auto"``: the latest under ``<checkpoint>.checkpoint/`` if
+            there is one, else a fresh start. The run continues at the saved microbatch, and with
+            the same data, seed and batches ends where an uninterrupted run ends.
         timeout: seconds any rank waits for a peer before it stops with a :class:`PeerError`.
         startup_timeout: seconds the ranks wait for each other to join the process group (a rank
             that dies before then stops the others after this long).
@@ -86,16 +99,51 @@ def train(
             "distributed training (every rank must build the same heads up front)"
         )
     _check_heads_are_local(lm)
+    every, periodic, resume_from = _checkpoint_options(checkpoint, checkpoint_every, resume)
     created = _init_process_group(len(lm.blocks), backend, startup_timeout)
+    if resume is not None and resume_from is None and log is not None and dist.get_rank() == 0:
+        log(f"no complete checkpoint in {periodic}: starting from the beginning")
     groups: list[dist.ProcessGroup] = []
     try:
-        run = Pipeline(lm, timedelta(seconds=timeout), device, depth, groups)
-        return run.train(data, epochs, batch_size, shuffle, seed, checkpoint, gather, log)
+        run = Pipeline(lm, timedelta(seconds=timeout), device, depth, groups, resume=resume_from)
+        result = run.train(
+            data, epochs, batch_size, shuffle, seed, checkpoint, gather, log, every=every, checkpoints=periodic
+        )
+        if every and result.rank == 0:  # every rank wrote the final checkpoint/: the periodic ones are done
+            shutil.rmtree(periodic, ignore_errors=True)
+        return result
     finally:
         for g in groups:
             _quietly(dist.destroy_process_group, g)
         if created:
             _quietly(dist.destroy_process_group)
+
+
+def periodic_folder(checkpoint: str | os.PathLike) -> Path:
+    """Where ``checkpoint_every`` writes: ``<checkpoint>.checkpoint/`` beside the output folder."""
+    p = Path(checkpoint)
+    return p.with_name(p.name + ".checkpoint")
+
+
+def _checkpoint_options(checkpoint, every, resume) -> tuple[int, Path | None, Path | None]:
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise ConfigError(f"checkpoint_every must be an int >= 0 (microbatches), got {every!r}")
+    if every and checkpoint is None:
+        raise ConfigError("checkpoint_every needs checkpoint=DIR: the checkpoints go to DIR.checkpoint/")
+    periodic = periodic_folder(checkpoint) if checkpoint is not None else None
+    if resume is None:
+        return every, periodic, None
+    if str(resume) == "auto":
+        if periodic is None:
+            raise ConfigError("resume='auto' needs checkpoint=DIR: it looks for DIR.checkpoint/")
+        return every, periodic, find_latest(periodic)
+    found = find_latest(resume)
+    if found is None:
+        raise ConfigError(
+            f"--resume {resume}: no complete distributed checkpoint there (a step-*/ folder with .metadata); "
+            f"pass OUT.checkpoint or OUT/checkpoint, or --resume auto"
+        )
+    return every, periodic, found
 
 
 def model_state_dict(state: dict[str, Any]) -> dict[str, Any]:
@@ -104,12 +152,19 @@ def model_state_dict(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """The assembled state dict of a checkpoint directory (``model.pt``) or file."""
+    """The LocalModel state dict of a distributed run, in one process (``lm.load_state_dict``).
+
+    ``path``: the run's folder (its ``model.pt``, or else its ``checkpoint/``), a
+    ``torch.distributed.checkpoint`` folder (``OUT.checkpoint``, ``OUT/checkpoint`` or one
+    ``step-<N>`` in them: every stage's shard is read), or a ``model.pt`` file.
+    """
     p = Path(path)
-    if p.is_dir():
+    if p.is_dir() and (p / "model.pt").is_file():
         p = p / "model.pt"
+    elif p.is_dir():
+        return load_distributed(p / "checkpoint" if find_latest(p) is None else p)
     if not p.exists():
-        raise ConfigError(f"{p}: no assembled checkpoint; rank 0 writes model.pt when train() ends")
+        raise ConfigError(f"{p}: no checkpoint; rank 0 writes model.pt and every stage checkpoint/ when train() ends")
     return torch.load(p, map_location="cpu", weights_only=True)
 
 
@@ -135,7 +190,7 @@ def _init_process_group(stages: int, backend: str | None, startup_timeout: float
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     rank, world = os.environ["RANK"], os.environ["WORLD_SIZE"]
     try:
-        dist.init_process_group(backend, timeout=timedelta(seconds=startup_timeout))
+        dist.init_process_group(backend, timeout=timedelta(seconds=startup_timeout), **_fresh_store(startup_timeout))
     except (RuntimeError, ValueError) as e:  # DistStoreError, a refused or timed-out rendezvous
         raise PeerError(
             f"rank {rank} could not join the other {int(world) - 1} ranks at {os.environ['MASTER_ADDR']}:"
@@ -143,6 +198,21 @@ def _init_process_group(stages: int, backend: str | None, startup_timeout: float
             f"or died before training; look at its log)"
         ) from None
     return True
+
+
+def _fresh_store(startup_timeout: float) -> dict[str, Any]:
+    """Under torchrun, a store whose keys belong to this launch attempt only.
+
+    torchrun keeps its store across ``--max-restarts`` attempts, so the addresses the killed
+    attempt published (gloo's, for every process group) are still there; a relaunched rank that
+    reads one connects to a dead process and hangs. Prefixing every key with the attempt
+    (``TORCHELASTIC_RESTART_COUNT``) makes each attempt rendezvous afresh.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return {}
+    store, rank, world = next(dist.rendezvous("env://", timeout=timedelta(seconds=startup_timeout)))
+    return {"store": dist.PrefixStore(f"localize/attempt_{attempt}", store), "rank": rank, "world_size": world}
 
 
 def _check_heads_are_local(lm: LocalModel) -> None:
