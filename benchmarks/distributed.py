@@ -1,8 +1,11 @@
-"""Throughput of K = 2 blocks on 2 processes (localize.distributed, gloo) against the in-process schedule.
+"""Throughput of K = 2 blocks on 2 processes (localize.distributed, gloo) against the in-process
+schedule and torch's DDP backprop.
 
 Same model, same seed, same batches in every run. The in-process schedule (``LocalModel.train_step``)
 runs with 1 thread, the baseline of one worker, and with 2 threads, the whole 2-core machine; each
-pipeline process gets 1 thread, so the pipeline uses exactly the cores the 2-thread run does. Runs
+pipeline process gets 1 thread, so the pipeline uses exactly the cores the 2-thread run does. The
+DDP baseline trains the original model with plain backprop on 2 processes x 1 thread, each on half
+of every batch (``DistributedDataParallel``, gloo, AdamW, the same loss). Runs
 are interleaved and repeated (``--repeats``) and medians reported, because the machine may be shared.
 Each distributed run also checks that its parameters equal the in-process ones.
 
@@ -98,8 +101,42 @@ def worker(args) -> None:
     dist.destroy_process_group()
 
 
-def distributed(args) -> tuple[float, dict, float]:
-    """(samples/s, final state, CPU seconds of the busiest rank)."""
+def ddp_worker(args) -> None:
+    """One rank of torch's DDP backprop baseline: the original model, half of every batch per rank."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    lm = build(args)  # the same model and initial weights; its loss_fn scores the full model's output
+    data = batches(args)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = DistributedDataParallel(lm.model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step(x, y) -> None:
+        shard = [v.tensor_split(world)[rank] for v in x]
+        loss = lm.loss_fn(model(*shard), y.tensor_split(world)[rank])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for x, y in data[: args.warmup]:
+        step(x, y)
+    dist.barrier()
+    start, cpu = time.perf_counter(), time.process_time()
+    for x, y in data[args.warmup :]:
+        step(x, y)
+    dist.barrier()
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    if rank == 0:
+        torch.save({"throughput": args.steps * args.batch_size / seconds, "state": {}, "cpu": cpu}, args.out)
+    dist.destroy_process_group()
+
+
+def distributed(args, mode: str = "--worker") -> tuple[float, dict, float]:
+    """(samples/s, final state, CPU seconds of the busiest rank) of the pipeline (``--worker``) or of
+    torch's DDP backprop (``--ddp-worker``) on ``--blocks`` processes."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.pt"
         with socket.socket() as s:
@@ -115,7 +152,7 @@ def distributed(args) -> tuple[float, dict, float]:
         cmd = [
             sys.executable,
             __file__,
-            "--worker",
+            mode,
             "--out",
             str(out),
             "--model",
@@ -156,10 +193,14 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the figures to this file")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         worker(args)
+        return
+    if args.ddp_worker:
+        ddp_worker(args)
         return
     print(
         f"model {args.model}, K = {args.blocks}, batch {args.batch_size}, {args.steps} measured steps "
@@ -168,16 +209,18 @@ def main() -> None:
     runs: dict[str, list[float]] = {
         "in-process, 1 thread": [],
         "in-process, 2 threads": [],
+        f"DDP backprop, {args.blocks} processes x 1 thread": [],
         f"distributed, {args.blocks} processes x 1 thread": [],
     }
     diffs, cpu_ratios = [], []
     for _ in range(args.repeats):
         one, ref, cpu_one = in_process(args, 1)
         dist_tp, state, cpu_busiest = distributed(args)
+        ddp_tp, _, _ = distributed(args, "--ddp-worker")
         two, _, _ = in_process(args, 2)
         diffs.append(max_diff(state, ref))
         cpu_ratios.append(cpu_one / cpu_busiest)
-        for name, value in zip(runs, (one, two, dist_tp)):
+        for name, value in zip(runs, (one, two, ddp_tp, dist_tp)):
             runs[name].append(value)
         print("  " + ", ".join(f"{name}: {v[-1]:.1f}" for name, v in runs.items()) + " samples/s", flush=True)
     med = {name: statistics.median(v) for name, v in runs.items()}
@@ -187,9 +230,10 @@ def main() -> None:
         print(f"{name:<36}{v:>20.1f}")
     speedup_1 = med[dist_name] / med["in-process, 1 thread"]
     speedup_2 = med[dist_name] / med["in-process, 2 threads"]
+    speedup_ddp = med[dist_name] / med[list(runs)[2]]
     print(
         f"\nspeed-up of the pipeline: {speedup_1:.2f}x over one worker (1 thread), "
-        f"{speedup_2:.2f}x over the 2-thread in-process run"
+        f"{speedup_2:.2f}x over the 2-thread in-process run, {speedup_ddp:.2f}x over DDP backprop"
     )
     # CPU seconds are not inflated by waiting for a core, so this ratio holds up better than the
     # wall-clock figures on a shared machine: what the pipeline would reach on idle cores.
@@ -205,6 +249,7 @@ def main() -> None:
                     "runs": runs,
                     "speedup_vs_1_thread": speedup_1,
                     "speedup_vs_2_threads": speedup_2,
+                    "speedup_vs_ddp_backprop": speedup_ddp,
                     "cpu_speedup_bound": cpu_ratio,
                     "max_diff": max(diffs),
                 },

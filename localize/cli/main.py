@@ -173,11 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--checkpoint-every", type=_positive(int, "use a number of steps >= 1"), default=None, metavar="N",
-        help="with --train: save a checkpoint every N steps to OUT.checkpoint.pt (beside OUT)",
+        help="with --train: save a checkpoint every N steps to OUT.checkpoint.pt (beside OUT); with --distributed "
+        "every stage writes its shard of OUT.checkpoint/step-N/",
     )
     p.add_argument(
         "--resume", default=None, metavar="PATH",
-        help="with --train: continue from a checkpoint (same model file, options and seed)",
+        help="with --train: continue from a checkpoint (same model file, options and seed); with --distributed "
+        "a checkpoint folder, or auto: the latest in OUT.checkpoint/ if any (for torchrun --max-restarts)",
     )
     return p
 

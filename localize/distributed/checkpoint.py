@@ -78,8 +78,10 @@ def save_state(
     state = {k if isinstance(v, torch.Tensor) else k + _PLAIN: _encode(v) for k, v in state.items()}
     planner = DefaultSavePlanner(flatten_state_dict=False)
     try:
-        dcp.save(state, storage_writer=FileSystemWriter(folder), planner=planner, process_group=group,
-                 no_dist=group is None)
+        with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+            warnings.filterwarnings("ignore", message=".*in a single process", category=UserWarning)
+            dcp.save(state, storage_writer=FileSystemWriter(folder), planner=planner, process_group=group,
+                     no_dist=group is None)
     except CheckpointException as e:  # a BaseException: one rank's failure, reported on every rank
         ranks = sorted(e.failures)
         first = e.failures[ranks[0]]
@@ -229,7 +231,7 @@ def load_state(folder: str | os.PathLike, keys: list[str]) -> dict[str, Any]:
         else:
             template[name] = torch.empty(tuple(m.size), dtype=m.properties.dtype)
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.filterwarnings("ignore", message=".*load in a single process", category=UserWarning)
+        warnings.filterwarnings("ignore", message=".*in a single process", category=UserWarning)
         dcp.load(template, storage_reader=_SafeReader(folder), planner=_SafeLoadPlanner(), no_dist=True)
     return {k: _decode(k, template[n]) if n.endswith(_PLAIN) else template[n] for k, n in names.items()}
 
