@@ -474,22 +474,30 @@ def test_cli_refuses_bad_chunk_flags_in_one_line(capsys: pytest.CaptureFixture, 
     for argv, words in [
         ([str(examples / "charlm_gpt.py"), "--chunk-keep", "1.5"], "--chunk-keep: 1.5 is out of range"),
         ([str(examples / "mnist1d_resnet.py"), "--chunk-size", "8"], "seq_dim= naming the dimension"),
-        ([str(examples / "charlm_gpt.py"), "--chunk-size", "8", "--distributed", "--train", "--blocks", "2"],
-         "--chunk-size trains in one process"),
     ]:
         assert main([*argv, "--out", str(tmp_path / "out"), "--no-onnx"]) == 2
         err = capsys.readouterr().err.strip()
         assert words in err and len(err.splitlines()) == 1, err
 
 
-def test_the_launcher_refuses_chunks_too() -> None:
+def test_chunked_stages_split_and_replicas_are_refused() -> None:
+    """Under --distributed each stage runs its block's chunk ops (SeCO within the stage); with
+    replicas DDP could not average chunk-by-chunk backward passes, so that is refused in one line."""
     from pathlib import Path
 
     from localize.distributed.launch import load_local_model
+    from localize.distributed.stages import split_step
 
     spec = str(Path(__file__).resolve().parents[1] / "examples" / "charlm_gpt.py")
-    with pytest.raises(ConfigError, match="--chunk-size trains in one process"):
-        load_local_model(spec, 2, chunk_size=8)
+    lm, _ = load_local_model(spec, 2, chunk_size=8)
+    stages = split_step(lm)
+    for s in stages:
+        code = s.program.code
+        assert f"chunk_forward(state, {s.stage}," in code and f"chunk_backward(state, {s.stage}," in code
+        assert f"chunk_forward(state, {1 - s.stage}," not in code
+    assert stages[0].sends == ["target", *stages[1].receives[1:]] and len(stages[0].sends) == 2
+    with pytest.raises(ConfigError, match="chunk_size= with replicas"):
+        split_step(lm, replicas=2)
 
 
 def test_chunk_doctests() -> None:

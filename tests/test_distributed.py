@@ -82,6 +82,24 @@ def dataset():
     return (x, y), (x, y)
 """
 
+# A causal character model for chunks along the sequence under a pipeline.
+GPT = """
+import torch
+from localize.zoo import GPT
+
+def model():
+    return GPT(vocab_size=16, block_size=16, dim=16, depth=2, heads=2)
+
+def example_inputs():
+    return (torch.randint(0, 16, (2, 16)),)
+
+def dataset():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 16, (24, 16), generator=g)
+    y = torch.randint(0, 16, (24, 16), generator=g)
+    return (x, y), (x, y)
+"""
+
 # Streams (practically) forever; touches $MARKER once training is under way.
 STREAM = """
 import os, pathlib, torch
@@ -110,7 +128,7 @@ def dataset():
 def files(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
     out = {}
-    for name, text in {"masked": MASKED, "mlp": MLP, "stream": STREAM}.items():
+    for name, text in {"masked": MASKED, "mlp": MLP, "stream": STREAM, "gpt": GPT}.items():
         out[name] = root / f"{name}.py"
         out[name].write_text(text)
     load_local_model(str(out["mlp"]), 2)  # warm up this process: forked ranks skip the first-call costs
@@ -326,6 +344,18 @@ def test_training_loop_options_are_the_same_on_a_pipeline(files, tmp_path):
     assert [r[0] for r in results] == [0, 0], [r[2][-1500:] for r in results]
     assert_same_state(load_checkpoint(ckpt), ref.state_dict(), atol=0)
     assert ref.schedulers[0].last_epoch == 2 and ref.pending == 1  # 5 batches: 2 updates, 1 pending
+
+
+def test_sequence_chunks_on_a_pipeline_equal_the_in_process_schedule(files, tmp_path):
+    """--chunk-size under --distributed: each stage trains its block chunk by chunk (SeCO), and the
+    pipeline ends where LocalModel.train_step ends in one process."""
+    ckpt = tmp_path / "ckpt"
+    procs = launch(files["gpt"], 2, "--blocks", "2", "--batch-size", "8", "--checkpoint", str(ckpt), "--chunk-size", "4")
+    ref = reference(files["gpt"], 2, 8, chunk_size=4)
+    results = wait_all(procs)
+    assert [r[0] for r in results] == [0, 0], [r[2][-1500:] for r in results]
+    assert ref.chunking is not None
+    assert_same_state(load_checkpoint(ckpt), ref.state_dict(), atol=1e-6)
 
 
 def test_a_nan_loss_stops_the_pipeline_with_the_in_process_message(tmp_path):

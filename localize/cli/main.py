@@ -190,9 +190,6 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except _UsageError as e:
         return _fail(str(e))
-    if args.distributed and args.chunk_size is not None:
-        return _fail("--chunk-size trains in one process for now: a distributed stage does not carry chunk states; "
-                     "drop --distributed or --chunk-size")
     if args.distributed:  # this rank's part of a pipeline torchrun started: localize.distributed
         from localize.distributed import run_cli
 

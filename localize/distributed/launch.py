@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clip", type=float, default=None, help="clip each block's gradient norm to this")
     parser.add_argument("--accumulate", type=int, default=1, help="update every N-th microbatch")
     parser.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="autocast blocks and heads")
+    parser.add_argument("--chunk-size", type=int, default=None, help="train each block C positions at a time (SeCO)")
+    parser.add_argument("--chunk-keep", type=float, default=1.0, help="with --chunk-size: SpaCO's keep rate")
     parser.add_argument("--schedule", choices=["cosine", "step", "none"], default="none")
     parser.add_argument("--warmup", type=int, default=0, help="updates of linear learning-rate warmup")
     parser.add_argument("--epochs", type=int, default=1)
@@ -312,11 +314,6 @@ def load_local_model(
     mf = load_model_file(spec)
     if training is not None:
         options = training_options(training, mf) | options
-    if options.get("chunk_size") is not None:
-        raise ConfigError(
-            "--chunk-size trains in one process for now: a distributed stage does not carry chunk states; "
-            "drop --distributed or --chunk-size"
-        )
     lm, _ = localize_file(
         mf,
         blocks=blocks,

@@ -40,7 +40,7 @@ import torch.fx as fx
 
 from localize.distributed import ops as dist_ops
 from localize.errors import ConfigError
-from localize.runtime import ops
+from localize.runtime import chunks, ops
 
 __all__ = ["Layout", "StageProgram", "split_step"]
 
@@ -126,8 +126,14 @@ def split_step(lm, replicas: int = 1) -> list[StageProgram]:
             owner[node] = block
         else:
             owner[node] = max((owner[a] for a in node.all_input_nodes if a is not state), default=0)
+    if replicas > 1 and lm.chunking is not None:
+        raise ConfigError(
+            "chunk_size= with replicas: a chunked block backpropagates chunk by chunk, which "
+            "DistributedDataParallel cannot average; launch K processes (one per block) or train without chunks"
+        )
     for s, b in enumerate(lm.blocks):
-        if b.index != s or not any(n.op == "call_module" and owner[n] == s for n in nodes):
+        calls = [n for n in nodes if n.op in ("call_module", "get_attr") and n.target.startswith(("block_", "chunk_"))]
+        if b.index != s or not any(owner[n] == s for n in calls):
             raise ConfigError(
                 f"stage {s} has no block {s} call in the step; this LocalModel cannot be pipelined"
             )
@@ -142,6 +148,9 @@ def split_step(lm, replicas: int = 1) -> list[StageProgram]:
 
 
 _BLOCK_OPS = {
+    chunks.chunk_forward,
+    chunks.chunk_outputs,
+    chunks.chunk_backward,
     ops.local_loss,
     ops.head_loss,
     ops.backward,
