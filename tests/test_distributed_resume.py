@@ -151,6 +151,16 @@ def test_files_that_would_run_code_or_belong_to_another_model_are_refused(model_
     assert not marker.exists()
 
 
+def test_resuming_another_plans_checkpoint_is_one_line_and_exit_2(model_file, tmp_path):
+    out = tmp_path / "out"
+    assert [r[0] for r in _run(model_file, out, "--epochs", "1")] == [0, 0]
+    results = _run(model_file, tmp_path / "other", "--aux", "featrecon", "--resume", str(out / "checkpoint"))
+    assert [r[0] for r in results] == [2, 2], [r[2][-800:] for r in results]
+    lines = results[0][2].strip().splitlines()
+    assert len(lines) == 1 and "belongs to another model or plan: aux: checkpoint has 'dgl'" in lines[0], lines
+    assert not results[1][2].strip()  # rank 0 says it once
+
+
 def test_plain_data_entries_are_read_without_running_code(tmp_path):
     """A crafted plain-data entry (stored as torch.save bytes) is refused by weights_only."""
     import io

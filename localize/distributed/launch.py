@@ -22,10 +22,12 @@ import torch.distributed as dist
 from localize.distributed.stages import Layout
 from localize.distributed.train import STARTUP_TIMEOUT, train
 from localize.errors import ConfigError, LocalizeError, PlanError, TraceError, VerificationError
+from localize.runtime.checkpoint import CheckpointError
 from localize.runtime.model import LocalModel
 
-# Errors that every rank meets identically (bad launch, bad model, bad arguments): rank 0 reports them.
-_SAME_ON_EVERY_RANK = (ConfigError, PlanError, TraceError, VerificationError)
+# Errors that every rank meets identically (bad launch, bad model, bad arguments, a --resume checkpoint
+# of another plan: every rank reads the same fingerprint): rank 0 reports them.
+_SAME_ON_EVERY_RANK = (ConfigError, PlanError, TraceError, VerificationError, CheckpointError)
 
 __all__ = ["is_main_process", "load_local_model", "main", "main_from_cli", "report_error", "run_cli"]
 
