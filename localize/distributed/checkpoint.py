@@ -217,11 +217,11 @@ def _decode(key: str, packed: torch.Tensor) -> Any:
 
 def load_state(folder: str | os.PathLike, keys: list[str]) -> dict[str, Any]:
     """The entries ``keys`` of one checkpoint, read by this process alone (no collective)."""
-    meta = {k.removesuffix(_PLAIN): v for k, v in read_keys(folder).items()}
+    stored = read_keys(folder)
+    meta = {k.removesuffix(_PLAIN): v for k, v in stored.items()}
     missing = [k for k in keys if k not in meta]
     if missing:
         raise CheckpointError(f"{folder}: the checkpoint has no {missing[:3]}; it was written for another model")
-    stored = set(read_keys(folder))
     names = {k: k + _PLAIN if k + _PLAIN in stored else k for k in keys}
     template: dict[str, Any] = {}
     for k, name in names.items():
