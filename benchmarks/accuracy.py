@@ -10,8 +10,9 @@ block); only the auxiliary heads differ. Backprop is ``blocks=1`` (exactly end-t
   K = 2, 4: next-character test accuracy (%) and test loss (nats / char).
 * ``--tasks vit``: a 4-layer ViT on scikit-learn's 8x8 digits (1438 train / 359 test), K = 2, 4.
 
-``--ks char=2,4,8`` changes a task's K values, ``--strategies`` runs a subset, and ``--seeds N``
-repeats every run over N seeds (model init and data order), reporting mean ± std.
+``--ks char=2,4,8`` changes a task's K values, ``--strategies`` runs a subset (a strategy may carry
+options in brackets: ``readout[depth=1;sample=0.25]``), and ``--seeds N`` repeats every run over N
+seeds (model init and data order), reporting mean ± std.
 
 It writes ``accuracy.md`` (the tables), ``accuracy.json`` and ``accuracy.png`` to ``--out``.
 
@@ -29,6 +30,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import sys
 import tempfile
 import time
@@ -57,6 +59,7 @@ class Config:
     seed: int
     quick: bool
     char_dim: int = 64
+    char_depth: int = 4
 
 
 @dataclass
@@ -78,8 +81,8 @@ def mnist1d_model(quick: bool) -> torch.nn.Module:
     return ResNet1d(1, 10, widths=(16, 32, 64), blocks_per_stage=(5, 5, 5))
 
 
-def char_model(vocab: int, block_size: int, dim: int) -> torch.nn.Module:
-    return GPT(vocab, block_size=block_size, dim=dim, depth=4, heads=4)
+def char_model(vocab: int, block_size: int, dim: int, depth: int = 4) -> torch.nn.Module:
+    return GPT(vocab, block_size=block_size, dim=dim, depth=depth, heads=4)
 
 
 def load(task: str, quick: bool, num_train: int | None = None, block: int | None = None):
@@ -113,13 +116,14 @@ def run(cfg: Config, data) -> Result:
     elif cfg.task == "vit":
         model = ViT(image_size=8, patch_size=2, in_channels=1, num_classes=10, dim=64, depth=4, heads=4)
     else:
-        model = char_model(vocab, x.shape[1], cfg.char_dim)
-    aux = "dgl" if cfg.method == "backprop" else cfg.method
+        model = char_model(vocab, x.shape[1], cfg.char_dim, cfg.char_depth)
+    aux, options = ("dgl", {}) if cfg.method == "backprop" else parse_method(cfg.method)
     lm = localize.transform(
         model,
         blocks=cfg.blocks,
         example_inputs=(x[:2],),
         aux=aux,
+        aux_options=options,
         balance="flops",  # the published tables were measured with FLOP-balanced cuts
         optimizer=lambda p: torch.optim.AdamW(p, lr=cfg.lr, weight_decay=1e-4),
     )
@@ -152,6 +156,26 @@ def run(cfg: Config, data) -> Result:
             correct += float((out.argmax(-1) == target).sum())
             count += target.numel()
     return Result(cfg.task, cfg.method, cfg.blocks, 100 * correct / count, loss / count, seconds)
+
+
+def parse_method(method: str) -> tuple[str, dict]:
+    """``"readout[depth=1;sample=0.25]"`` -> ``("readout", {"depth": 1, "sample": 0.25})``."""
+    name, _, rest = method.partition("[")
+    options = {}
+    for part in filter(None, rest.rstrip("]").split(";")):
+        key, _, value = part.partition("=")
+        options[key] = json.loads(value.lower() if value in ("True", "False") else value)
+    return name, options
+
+
+def split_methods(text: str) -> list[str]:
+    """Comma-separated methods; commas inside brackets do not split."""
+    return re.findall(r"[^,\[\]]+(?:\[[^\]]*\])?", text)
+
+
+def methods_of(results: list[Result]) -> list[str]:
+    """The strategies that ran, in the order they were asked for."""
+    return list(dict.fromkeys(r.method for r in results if r.method != "backprop"))
 
 
 def mnist1d_units(quick: bool) -> int:
@@ -189,7 +213,7 @@ def table(results: list[Result], task: str, ks: list[int], metric: str) -> str:
     head = "| method | " + " | ".join(f"K={k}" for k in ks) + " |"
     lines = [head, "|" + "---|" * (len(ks) + 1)]
     lines.append(f"| backprop (K=1) | {_mean_std(by['backprop', 1], fmt)} " + "| " * (len(ks) - 1) + "|")
-    for method in STRATEGIES:
+    for method in methods_of(results):
         if not any((method, k) in by for k in ks):
             continue
         cells = [_mean_std(by[method, k], fmt) if (method, k) in by else "-" for k in ks]
@@ -212,9 +236,10 @@ def plot(results: list[Result], tasks: dict[str, list[int]], path: Path) -> None
                 runs.setdefault((r.method, r.blocks), []).append(r.accuracy)
         by = {key: sum(v) / len(v) for key, v in runs.items()}
         base = by[("backprop", 1)]
-        width = 0.8 / len(STRATEGIES)
-        for j, method in enumerate(STRATEGIES):
-            xs = [i + (j - len(STRATEGIES) / 2 + 0.5) * width for i in range(len(ks))]
+        methods = methods_of(results)
+        width = 0.8 / len(methods)
+        for j, method in enumerate(methods):
+            xs = [i + (j - len(methods) / 2 + 0.5) * width for i in range(len(ks))]
             ax.bar(xs, [by.get((method, k), 0) for k in ks], width, label=method)
         ax.axhline(base, color="black", linestyle="--", label="backprop")
         ax.set_xticks(range(len(ks)), [f"K={k}" for k in ks])
@@ -222,7 +247,7 @@ def plot(results: list[Result], tasks: dict[str, list[int]], path: Path) -> None
         low = min(v for v in by.values())
         ax.set_ylim(max(0, low - 5), max(by.values()) + 2)
         ax.set_title(
-            {"mnist1d": "MNIST-1D, 1D ResNet-32", "char": "char LM (stdlib text), 4-layer GPT",
+            {"mnist1d": "MNIST-1D, 1D ResNet-32", "char": "char LM (stdlib text), GPT",
              "vit": "digits 8x8, 4-layer ViT"}[task]
         )
     axes[-1].legend(fontsize=8, loc="lower left")
@@ -244,6 +269,7 @@ def main() -> None:
     parser.add_argument("--mnist-train", type=int, default=None, help="MNIST-1D training examples (4000)")
     parser.add_argument("--char-train", type=int, default=None, help="char LM training windows (6000)")
     parser.add_argument("--char-dim", type=int, default=None, help="GPT width (64; 32 with --quick)")
+    parser.add_argument("--char-depth", type=int, default=4, help="GPT layers (4; 8 makes K=8 cut between layers)")
     parser.add_argument("--char-block", type=int, default=None, help="context length (64; 32 with --quick)")
     parser.add_argument("--vit-epochs", type=int, default=None)
     parser.add_argument("--ks", default="", help="K values per task, e.g. char=2,4,8;vit=2,4")
@@ -256,7 +282,7 @@ def main() -> None:
         task, _, ks = part.partition("=")
         tasks[task] = [int(k) for k in ks.split(",")]
     tasks = {t: ks for t, ks in tasks.items() if t in args.tasks.split(",")}
-    strategies = [m for m in args.strategies.split(",") if m]
+    strategies = [m.strip() for m in split_methods(args.strategies) if m.strip()]
     epochs = {
         "mnist1d": args.mnist_epochs or (3 if quick else 12),
         "char": args.char_epochs or (1 if quick else 2),
@@ -279,6 +305,7 @@ def main() -> None:
             lr=lr[task],
             quick=quick,
             char_dim=char_dim,
+            char_depth=args.char_depth,
         )
         for seed in range(args.seed, args.seed + args.seeds):
             jobs.append((Config(method="backprop", blocks=1, seed=seed, **common), data))
@@ -315,7 +342,7 @@ def main() -> None:
     if "char" in tasks:
         n, t = data_sizes["char"].shape
         parts += [
-            f"Character-level LM on stdlib text ({n} train windows of {t} chars), 4-layer GPT (width {char_dim}), "
+            f"Character-level LM on stdlib text ({n} train windows of {t} chars), {args.char_depth}-layer GPT (width {char_dim}), "
             f"{epochs['char']} epochs: next-char test accuracy (%)\n",
             table(results, "char", tasks["char"], "accuracy"),
             "",

@@ -100,6 +100,41 @@ def dataset():
     return (x, y), (x, y)
 """
 
+# Residual units whose linear layers note in $MARKER each call made during a backward pass (what
+# recomputation does; torch.utils.checkpoint tells backward apart the same way).
+COUNTED = """
+import os, torch
+from torch import nn
+
+class Unit(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return x + torch.tanh(self.fc(x))
+
+def _count(module, args, out):
+    if "MARKER" in os.environ and torch._C._current_graph_task_id() != -1:
+        with open(os.environ["MARKER"], "a") as f:
+            f.write("call\\n")
+
+def model():
+    net = nn.Sequential(nn.Linear(16, 16), *[Unit() for _ in range(4)], nn.Linear(16, 5))
+    for unit in net[1:5]:
+        unit.fc.register_forward_hook(_count)
+    return net
+
+def example_inputs():
+    return (torch.randn(4, 16),)
+
+def dataset():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(24, 16, generator=g)
+    y = torch.randint(0, 5, (24,), generator=g)
+    return (x, y), (x, y)
+"""
+
 # Streams (practically) forever; touches $MARKER once training is under way.
 STREAM = """
 import os, pathlib, torch
@@ -128,7 +163,7 @@ def dataset():
 def files(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
     out = {}
-    for name, text in {"masked": MASKED, "mlp": MLP, "stream": STREAM, "gpt": GPT}.items():
+    for name, text in {"masked": MASKED, "mlp": MLP, "stream": STREAM, "gpt": GPT, "counted": COUNTED}.items():
         out[name] = root / f"{name}.py"
         out[name].write_text(text)
     load_local_model(str(out["mlp"]), 2)  # warm up this process: forked ranks skip the first-call costs
@@ -356,6 +391,23 @@ def test_sequence_chunks_on_a_pipeline_equal_the_in_process_schedule(files, tmp_
     assert [r[0] for r in results] == [0, 0], [r[2][-1500:] for r in results]
     assert ref.chunking is not None
     assert_same_state(load_checkpoint(ckpt), ref.state_dict(), atol=1e-6)
+
+
+def test_recompute_on_a_pipeline_recomputes_and_equals_the_in_process_schedule(files, tmp_path):
+    """--recompute under --distributed: each stage's block recomputes its units in backward (the
+    units' layers run more often than without), and the pipeline ends where train_step ends."""
+    calls = {}
+    for flag in ("", "--recompute"):
+        ckpt, marker = tmp_path / f"ckpt{flag}", tmp_path / f"calls{flag}"
+        procs = launch(files["counted"], 2, "--blocks", "2", "--batch-size", "8", "--checkpoint", str(ckpt),
+                       *filter(None, [flag]), MARKER=str(marker))
+        results = wait_all(procs)
+        assert [r[0] for r in results] == [0, 0], [r[2][-1500:] for r in results]
+        calls[flag] = len(marker.read_text().splitlines()) if marker.exists() else 0
+        ref = reference(files["counted"], 2, 8, recompute=bool(flag))
+        assert bool(ref.recompute_programs) == bool(flag)
+        assert_same_state(load_checkpoint(ckpt), ref.state_dict(), atol=0)
+    assert calls[""] == 0 and calls["--recompute"] > 0
 
 
 def test_a_nan_loss_stops_the_pipeline_with_the_in_process_message(tmp_path):

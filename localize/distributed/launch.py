@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="autocast blocks and heads")
     parser.add_argument("--chunk-size", type=int, default=None, help="train each block C positions at a time (SeCO)")
     parser.add_argument("--chunk-keep", type=float, default=1.0, help="with --chunk-size: SpaCO's keep rate")
+    parser.add_argument(
+        "--recompute", action="store_true", help="recompute each unit of a block during its backward (less memory)"
+    )
     parser.add_argument("--schedule", choices=["cosine", "step", "none"], default="none")
     parser.add_argument("--warmup", type=int, default=0, help="updates of linear learning-rate warmup")
     parser.add_argument("--epochs", type=int, default=1)
