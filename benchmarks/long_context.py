@@ -12,12 +12,13 @@ Memory is one training step measured as torch measures it: the peak of everythin
 gradients, optimizer state, activations, temporaries) by ``torch.distributed._tools.mem_tracker.
 MemTracker``, and the peak of tensors saved for backward (``SavedActivationMeter``). Time is the median
 of ``--steps`` steps taken round-robin. ``fits`` is the longest measured T whose total peak stays under
-``--budget-mib``. Models: the GPT character LM of ``examples/charlm_gpt.py`` (dim 64, 4 layers) on the
+``--budget-mib``. Models: the GPT character LM of ``examples/charlm_gpt.py`` (dim 64, or ``--width``; 4 layers) on the
 Python standard library's text, and a small-config Hugging Face Llama (rotary positions, grouped-query
 attention) on the same text.
 
     python benchmarks/long_context.py                                  # T = 1024 .. 8192, C = 256
     python benchmarks/long_context.py --models gpt --lengths 512,1024 --steps 2 --plot docs/x.png
+    python benchmarks/long_context.py --width 256 --lengths 1024,2048,4096   # wider models
 """
 
 from __future__ import annotations
@@ -53,14 +54,14 @@ def text_batch(length: int, batch: int, vocab: dict[str, int], text: str, seed: 
     return data[:, :-1], data[:, 1:]
 
 
-def build(name: str, vocab_size: int, max_length: int) -> nn.Module:
+def build(name: str, vocab_size: int, max_length: int, width: int = 64) -> nn.Module:
     torch.manual_seed(0)
     if name == "gpt":
-        return GPT(vocab_size=vocab_size, block_size=max_length, dim=64, depth=4, heads=4)
+        return GPT(vocab_size=vocab_size, block_size=max_length, dim=width, depth=4, heads=4)
     import transformers
 
     config = transformers.LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=max_length,
     )
     return transformers.LlamaForCausalLM(config)
@@ -140,8 +141,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     vocab = {c: i for i, c in enumerate(char_vocab(text))}
     rows = []
     lengths = [int(t) for t in args.lengths.split(",")]
-    for name in args.models.split(","):
-        base = build(name, len(vocab), max(lengths))
+    for kind in args.models.split(","):
+        base = build(kind, len(vocab), max(lengths), args.width)
+        name = kind if args.width == 64 else f"{kind}-w{args.width}"
         for length in lengths:
             batch = text_batch(length, args.batch, vocab, text, seed=length)
             steps = {m: make(m, copy.deepcopy(base), batch[0], args.chunk) for m in METHODS}
@@ -211,6 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="gpt,llama", help="comma-separated: gpt, llama")
     parser.add_argument("--lengths", default="1024,2048,4096,8192", help="sequence lengths T")
+    parser.add_argument("--width", type=int, default=64, help="model width (hidden size); 64 as in the example")
     parser.add_argument("--chunk", type=int, default=256, help="chunk size C of SeCO and SpaCO")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per method (median)")

@@ -6,10 +6,11 @@ recurrent hidden states, running sums, left context) and the states it carries o
 calls two ops for such a block instead of the block and its loss:
 
 * :func:`chunk_forward` runs every chunk without a graph, keeping only the carried states (and the
-  RNG state each chunk started from, so dropout replays). Its outputs, joined along the sequence,
-  are the block's outputs: the next block reads them as it reads any block's.
-* :func:`chunk_backward` walks the chunks in reverse. Chunk ``c`` is recomputed with its carried-in
-  states as leaves that require grad; it backpropagates its share of the loss plus the gradients
+  RNG state each chunk started from, so dropout replays); the last chunk alone keeps its graph,
+  since the reverse walk starts with it. Its outputs, joined along the sequence, are the block's
+  outputs: the next block reads them as it reads any block's.
+* :func:`chunk_backward` walks the chunks in reverse. Chunk ``c`` is recomputed (the last one is
+  not: its graph is the forward's) with its carried-in states as leaves that require grad; it backpropagates its share of the loss plus the gradients
   later chunks sent into the states it carried out, which leaves the gradients of its carried-in
   states for chunk ``c - 1``. Each chunk's loss is weighted by its share of the counted targets
   (``ignore_index`` excluded), so the sum is the full sequence's mean loss and the gradient is
@@ -95,6 +96,12 @@ class ChunkPass:
     outputs: tuple
     states: list[list[torch.Tensor | None]]  # [chunk][state]
     rng: list[tuple[torch.Tensor, list[torch.Tensor]]] = field(default_factory=list)
+    # With keep_last: the carried states as leaves that require grad ([chunk][state]; the last
+    # chunk ran on them), the last chunk's outputs and states with their graph, and the RNG state
+    # after its forward (its head's dropout draws from there).
+    leaves: list[list[torch.Tensor | None]] | None = None
+    last: tuple[tuple, tuple] | None = None
+    rng_after: tuple[torch.Tensor, list[torch.Tensor]] | None = None
 
 
 # ------------------------------------------------------------------------------ ops inside chunk programs
@@ -122,12 +129,19 @@ _MASK: dict[tuple, torch.Tensor] = {}
 
 def _offset_causal_mask(n: int, total: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The additive mask of a chunk's ``n`` queries over ``total`` keys, built once per chunk shape
-    (every layer of the chunk shares it, so autograd saves it once, not once per layer)."""
+    (every layer of the chunk shares it, so autograd saves it once, not once per layer): zeros over
+    the earlier chunks' keys, then the chunk's own causal triangle (kept from the last call)."""
     key = (n, total, dtype, device)
     if key not in _MASK:
+        square = (n, n, dtype, device)
+        diag = _MASK.get(square)
+        if diag is None:
+            diag = torch.full((n, n), float("-inf"), dtype=dtype, device=device).triu_(1)
         _MASK.clear()
-        allowed = torch.ones(n, total, dtype=torch.bool, device=device).tril(total - n)
-        _MASK[key] = torch.zeros(n, total, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+        _MASK[square] = diag
+        mask = torch.zeros(n, total, dtype=dtype, device=device)
+        mask[:, total - n :] = diag
+        _MASK[key] = mask
     return _MASK[key]
 
 
@@ -224,20 +238,36 @@ def _replay(rng: tuple[torch.Tensor, list[torch.Tensor]], inputs: tuple):
     return _Ctx()
 
 
-def run_chunks(program: nn.Module, spec: ChunkSpec, size: int, inputs: tuple, keep_rng: bool = False) -> ChunkPass:
-    """Run ``program`` chunk by chunk without a graph; the outputs joined along the sequence."""
+def run_chunks(
+    program: nn.Module, spec: ChunkSpec, size: int, inputs: tuple, keep_rng: bool = False, keep_last: bool = False
+) -> ChunkPass:
+    """Run ``program`` chunk by chunk without a graph; the outputs joined along the sequence.
+
+    With ``keep_last`` the last chunk runs with a graph, on leaves of the carried states (see
+    :class:`ChunkPass`), so that :func:`chunk_backward` need not recompute it.
+    """
     dims = [d for x, d in zip(inputs, spec.inputs) if d is not None]
     first = next(x for x, d in zip(inputs, spec.inputs) if d is not None)
     length = first.size(dims[0])
     done = ChunkPass(size, length, tuple(inputs), (), [])
     pieces: list[list[Any]] = []
-    with torch.no_grad():
-        for c, start in enumerate(range(0, length, size)):
-            if keep_rng:
-                done.rng.append(_rng_state(inputs))
-            outs, states = program(start, _carried(spec, done.states, c), *_chunk_inputs(spec, inputs, start, size))
-            done.states.append(list(states))
-            pieces.append(list(outs))
+    starts = list(range(0, length, size))
+    for c, start in enumerate(starts):
+        if keep_rng:
+            done.rng.append(_rng_state(inputs))
+        chunk = _chunk_inputs(spec, inputs, start, size)
+        if keep_last and c == len(starts) - 1 and torch.is_grad_enabled():
+            done.leaves = _leaves(done.states)
+            outs, states = program(start, _carried(spec, done.leaves, c), *chunk)
+            done.last = (tuple(outs), tuple(states))
+            done.rng_after = _rng_state(inputs)
+            outs, states = _detached(outs), _detached(states)
+            done.leaves.append(_leaves([states])[0])
+        else:
+            with torch.no_grad():
+                outs, states = program(start, _carried(spec, done.states, c), *chunk)
+        done.states.append(list(states))
+        pieces.append(list(outs))
     joined = []
     for i, d in enumerate(spec.outputs):
         column = [p[i] for p in pieces]
@@ -246,9 +276,21 @@ def run_chunks(program: nn.Module, spec: ChunkSpec, size: int, inputs: tuple, ke
     return done
 
 
+def _leaves(states: list[list[Any]]) -> list[list[Any]]:
+    """Carried states as leaves: floating ones require grad (their gradients go to the chunk before)."""
+    return [
+        [s.detach().requires_grad_(s.is_floating_point()) if isinstance(s, torch.Tensor) else s for s in row]
+        for row in states
+    ]
+
+
+def _detached(values: Any) -> list[Any]:
+    return [v.detach() if isinstance(v, torch.Tensor) else v for v in values]
+
+
 def chunk_forward(state: StepState, block: int, program: nn.Module, size: int, *inputs: Any) -> ChunkPass:
-    """F of a chunked block: all chunks of ``size`` positions without a graph."""
-    return run_chunks(program, program.chunk_spec, size, inputs, keep_rng=True)
+    """F of a chunked block: all chunks of ``size`` positions, the last one with its graph."""
+    return run_chunks(program, program.chunk_spec, size, inputs, keep_rng=True, keep_last=True)
 
 
 def chunk_outputs(state: StepState, block: int, done: ChunkPass) -> tuple:
@@ -316,27 +358,31 @@ def chunk_backward(
                 loss = state.loss_fn(pred_of(feature_full.narrow(out_dim, start, size)), t)
             values.append(float(loss) * w if w > 0 else 0.0)
     value = math.fsum(values)
+    last, done.last = done.last, None  # the last chunk's graph: used (or dropped) below
     if not math.isfinite(value):
         return value
     scale = start_backward(state, block, accumulate)
     kept = [True] * n if keep >= 1.0 else keep_mask(n, keep)
     comp = 1.0 if keep >= 1.0 else 1.0 / keep
-    leaves = [
-        [s.detach().requires_grad_(s.is_floating_point()) if s is not None else None for s in row]
-        for row in done.states
-    ]
+    leaves = done.leaves if done.leaves is not None else _leaves(done.states)
     for c in reversed(range(n)):
-        grads_in = [leaf.grad if leaf is not None else None for leaf in leaves[c]]
+        grads_in = [leaf.grad if isinstance(leaf, torch.Tensor) else None for leaf in leaves[c]]
         for leaf in leaves[c]:
-            if leaf is not None:
+            if isinstance(leaf, torch.Tensor):
                 leaf.grad = None  # this chunk's carried-out gradients are consumed now
         if not kept[c] or (weights[c] == 0.0 and all(g is None for g in grads_in)):
+            last = None
             continue
         start = starts[c]
         size = min(done.size, done.length - start)
-        with _replay(done.rng[c], done.inputs) if done.rng else nullcontext(), amp():
-            outs, states = program(start, _carried(spec, leaves, c), *_chunk_inputs(spec, done.inputs, start, size))
-            loss = state.loss_fn(pred_of(outs[slot]), target_of(start, size))
+        if last is not None and c == n - 1:
+            (outs, states), last = last, None
+            with _replay(done.rng_after, done.inputs) if done.rng_after else nullcontext(), amp():
+                loss = state.loss_fn(pred_of(outs[slot]), target_of(start, size))
+        else:
+            with _replay(done.rng[c], done.inputs) if done.rng else nullcontext(), amp():
+                outs, states = program(start, _carried(spec, leaves, c), *_chunk_inputs(spec, done.inputs, start, size))
+                loss = state.loss_fn(pred_of(outs[slot]), target_of(start, size))
         roots, grads = [], []
         if weights[c] > 0.0 and loss.requires_grad:
             roots.append(scale(loss * (weights[c] * comp)))
