@@ -163,7 +163,10 @@ def build_step_graph(
             if chunking is not None:
                 root[f"chunk_{b}"] = chunking.programs[b]
                 chunk_prog[b] = tag(graph.create_node("get_attr", f"chunk_{b}", name=f"chunk_{b}"), b)
-                passes[b] = call(chunks.chunk_forward, b, "chunks", chunk_prog[b], chunking.size, *args)
+                passes[b] = call(
+                    chunks.chunk_forward, b, "chunks", chunk_prog[b], chunking.size, *args,
+                    keep_last=chunking.keep >= 1.0,
+                )
                 env[call_node] = call(chunks.chunk_outputs, b, "block", passes[b])
             else:
                 root[f"block_{b}"] = block_modules[b] if block_modules else getattr(program, call_node.target)

@@ -162,6 +162,25 @@ def test_k1_chunks_equal_full_sequence_backprop(name: str, chunk: int) -> None:
         assert torch.equal(lm(ids), model(ids))
 
 
+def test_the_last_chunk_is_not_recomputed() -> None:
+    """The reverse walk starts with the chunk the forward just ran: its graph is kept, so a step of
+    n chunks runs the chunk program 2n - 1 times, not 2n (and the gradient stays exact, above)."""
+    torch.manual_seed(0)
+    ids, target = _data(length=11)
+    lm = localize.transform(MODELS["gpt"](), blocks=1, example_inputs=(ids,), optimizer=_sgd0, chunk_size=4)
+    calls = []
+    lm.chunk_programs[0].register_forward_hook(lambda m, args, out: calls.append(torch.is_grad_enabled()))
+    lm.train_step(ids, target)
+    assert calls == [False, False, True, True, True]  # F: chunks 0, 1 without a graph, 2 with; L: 1, 0
+    # SpaCO may drop the last chunk, the largest (it attends to every key): its forward keeps no graph
+    spaco = localize.transform(MODELS["gpt"](), blocks=1, example_inputs=(ids,), optimizer=_sgd0, chunk_size=4,
+                               chunk_keep=0.5)
+    calls.clear()
+    spaco.chunk_programs[0].register_forward_hook(lambda m, args, out: calls.append(torch.is_grad_enabled()))
+    spaco.train_step(ids, target)
+    assert calls[:3] == [False, False, False] and all(calls[3:])
+
+
 def test_ignore_index_is_respected_across_chunks() -> None:
     torch.manual_seed(1)
     model = MODELS["gpt"]().double()
@@ -306,7 +325,7 @@ def test_step_program_shows_the_chunk_ops() -> None:
     ids, _ = _data()
     lm = localize.transform(MODELS["gpt"](), blocks=2, example_inputs=(ids,), aux="linear", chunk_size=4)
     code = lm.step_program.code
-    assert "chunk_forward(state, 0, chunk_0, 4, idx)" in code and "chunk_backward(state, 1, chunk_1" in code
+    assert "chunk_forward(state, 0, chunk_0, 4, idx, keep_last = True)" in code and "chunk_backward(state, 1, chunk_1" in code
     assert [p.chunk_spec.states for p in lm.chunk_programs] == [("append", "append"), ("append", "append")]
 
 

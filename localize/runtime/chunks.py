@@ -6,8 +6,8 @@ recurrent hidden states, running sums, left context) and the states it carries o
 calls two ops for such a block instead of the block and its loss:
 
 * :func:`chunk_forward` runs every chunk without a graph, keeping only the carried states (and the
-  RNG state each chunk started from, so dropout replays); the last chunk alone keeps its graph,
-  since the reverse walk starts with it. Its outputs, joined along the sequence, are the block's
+  RNG state each chunk started from, so dropout replays); with SeCO the last chunk alone keeps its
+  graph, since the reverse walk starts with it. Its outputs, joined along the sequence, are the block's
   outputs: the next block reads them as it reads any block's.
 * :func:`chunk_backward` walks the chunks in reverse. Chunk ``c`` is recomputed (the last one is
   not: its graph is the forward's) with its carried-in states as leaves that require grad; it backpropagates its share of the loss plus the gradients
@@ -288,9 +288,13 @@ def _detached(values: Any) -> list[Any]:
     return [v.detach() if isinstance(v, torch.Tensor) else v for v in values]
 
 
-def chunk_forward(state: StepState, block: int, program: nn.Module, size: int, *inputs: Any) -> ChunkPass:
-    """F of a chunked block: all chunks of ``size`` positions, the last one with its graph."""
-    return run_chunks(program, program.chunk_spec, size, inputs, keep_rng=True, keep_last=True)
+def chunk_forward(
+    state: StepState, block: int, program: nn.Module, size: int, *inputs: Any, keep_last: bool = True
+) -> ChunkPass:
+    """F of a chunked block: all chunks of ``size`` positions, the last one with its graph when
+    ``keep_last`` (SeCO; under SpaCO the last chunk may not be kept, and its graph is the largest:
+    it attends to every key)."""
+    return run_chunks(program, program.chunk_spec, size, inputs, keep_rng=True, keep_last=keep_last)
 
 
 def chunk_outputs(state: StepState, block: int, done: ChunkPass) -> tuple:
