@@ -7,14 +7,15 @@ calls two ops for such a block instead of the block and its loss:
 
 * :func:`chunk_forward` runs every chunk without a graph, keeping only the carried states (and the
   RNG state each chunk started from, so dropout replays); with SeCO the last chunk alone keeps its
-  graph, since the reverse walk starts with it. Its outputs, joined along the sequence, are the block's
-  outputs: the next block reads them as it reads any block's.
+  graph, since the reverse walk starts with it. Its outputs, joined along the sequence, are the
+  block's outputs: the next block reads them as it reads any block's.
 * :func:`chunk_backward` walks the chunks in reverse. Chunk ``c`` is recomputed (the last one is
-  not: its graph is the forward's) with its carried-in states as leaves that require grad; it backpropagates its share of the loss plus the gradients
-  later chunks sent into the states it carried out, which leaves the gradients of its carried-in
-  states for chunk ``c - 1``. Each chunk's loss is weighted by its share of the counted targets
-  (``ignore_index`` excluded), so the sum is the full sequence's mean loss and the gradient is
-  exactly full-sequence backprop's (SeCO, ``keep=1``).
+  not: its graph is the forward's) with its carried-in states as leaves that require grad; it
+  backpropagates its share of the loss plus the gradients later chunks sent into the states it
+  carried out, which leaves the gradients of its carried-in states for chunk ``c - 1``. Each
+  chunk's loss is weighted by its share of the counted targets (``ignore_index`` excluded), so the
+  sum is the full sequence's mean loss and the gradient is exactly full-sequence backprop's (SeCO,
+  ``keep=1``).
 
 With ``keep=p < 1`` (SpaCO) each chunk backpropagates with probability ``p``, independently; a kept
 chunk scales everything it backpropagates (its loss and the gradients it was sent) by ``1/p``. By
