@@ -11,7 +11,7 @@ block); only the auxiliary heads differ. Backprop is ``blocks=1`` (exactly end-t
 * ``--tasks vit``: a 4-layer ViT on scikit-learn's 8x8 digits (1438 train / 359 test), K = 2, 4.
 
 ``--ks char=2,4,8`` changes a task's K values, ``--strategies`` runs a subset (a strategy may carry
-options in brackets: ``readout[depth=1;sample=0.25]``), and ``--seeds N`` repeats every run over N
+options in brackets: ``readout[depth=1;follow=True]``), and ``--seeds N`` repeats every run over N
 seeds (model init and data order), reporting mean ± std.
 
 It writes ``accuracy.md`` (the tables), ``accuracy.json`` and ``accuracy.png`` to ``--out``.
@@ -159,7 +159,7 @@ def run(cfg: Config, data) -> Result:
 
 
 def parse_method(method: str) -> tuple[str, dict]:
-    """``"readout[depth=1;sample=0.25]"`` -> ``("readout", {"depth": 1, "sample": 0.25})``."""
+    """``"readout[depth=1;follow=True]"`` -> ``("readout", {"depth": 1, "follow": True})``."""
     name, _, rest = method.partition("[")
     options = {}
     for part in filter(None, rest.rstrip("]").split(";")):
