@@ -318,6 +318,12 @@ def _known_rule(gm, node, env, facts, what) -> str | None:
             if facts[args[name].name].dims != (-2,):
                 raise PlanError(f"{what}: the sequence must be the {name}'s dim -2 (B, heads, T, E)")
         return "attention"
+    if _batch_statistics(gm, node) and any(facts[a.name].dims for a in node.all_input_nodes):
+        # eval() (which the probes run in) reads running statistics: position-wise; train() does not
+        raise PlanError(
+            f"{what} is batch norm: in train() it normalises with statistics over every position of the "
+            "sequence, which a chunk cannot see; use LayerNorm (or RMSNorm) over the features instead"
+        )
     if node.op == "call_module" and isinstance(gm.get_submodule(target), nn.RNNBase):
         module = gm.get_submodule(target)
         if module.bidirectional:
@@ -343,6 +349,27 @@ def _known_rule(gm, node, env, facts, what) -> str | None:
             raise PlanError(f"{what} pads the sequence with mode={mode!r}, value={value!r}; chunks carry zero padding only")
         return "left_pad"
     return None
+
+
+_BATCH_NORM = (
+    F.batch_norm,
+    torch.batch_norm,
+    torch.ops.aten.batch_norm.default,
+    torch.ops.aten.native_batch_norm.default,
+    torch.ops.aten._native_batch_norm_legit.default,
+    torch.ops.aten._native_batch_norm_legit_functional.default,
+)
+
+
+def _batch_statistics(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Batch norm that computes its statistics from the batch in train(): an ``nn.BatchNorm*`` module,
+    or the function with a ``training`` argument that is not the constant False."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), nn.modules.batchnorm._BatchNorm)
+    if node.op != "call_function" or node.target not in _BATCH_NORM:
+        return False
+    training = node.kwargs.get("training", node.args[5] if len(node.args) > 5 else False)  # 6th in every form
+    return training is not False
 
 
 def _position_rule(node: fx.Node, facts: dict[str, SeqFact], what: str) -> str | None:

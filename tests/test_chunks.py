@@ -388,6 +388,37 @@ class ShiftLeft(nn.Module):
         return self.head(self.embed(ids).roll(-1, dims=1))
 
 
+class BatchNormed(nn.Module):
+    """Position-wise in eval() (running statistics), which the probes run in; in train() its
+    statistics average every position, so a chunk's output differs from the full sequence's."""
+
+    def __init__(self, functional: bool = False) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.norm = nn.BatchNorm1d(8)
+        self.head = nn.Linear(8, VOCAB)
+        self.functional = functional
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids).transpose(1, 2)
+        if self.functional:
+            x = F.batch_norm(x, self.norm.running_mean, self.norm.running_var, training=self.training)
+        else:
+            x = self.norm(x)
+        return self.head(x.transpose(1, 2))
+
+
+def test_batch_norm_over_the_sequence_is_refused() -> None:
+    """In train() the chunk's statistics are not the sequence's: chunked != full (shown), so refused."""
+    ids, _ = _data()
+    net = BatchNormed().train()
+    full = net(ids)[:, :4]
+    assert not torch.allclose(net(ids[:, :4]), full)  # what a chunk of 4 would compute instead
+    for functional in (False, True):
+        with pytest.raises(PlanError, match=r"is batch norm: in train\(\) it normalises with statistics over every"):
+            localize.transform(BatchNormed(functional), blocks=1, example_inputs=(ids,), chunk_size=4)
+
+
 @pytest.mark.parametrize(
     "model, words",
     [
