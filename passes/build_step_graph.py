@@ -79,7 +79,7 @@ def build_step_graph(
         autocast: ``"bf16"`` or ``"fp16"``: blocks, heads and losses run under ``torch.autocast``.
         scheduler: whether each update is followed by a ``scheduler_step`` node.
         chunking: with ``transform(chunk_size=)``: each block's F is ``chunk_forward`` of its chunk
-            program (then ``chunk_outputs``) and its L is ``chunk_backward`` (SeCO / SpaCO).
+            program (then ``chunk_outputs``) and its L is ``chunk_loss`` then ``chunk_backward`` (SeCO / SpaCO).
         block_modules: what the step calls for each block instead of the program's submodule (the
             ``recompute=True`` version of the same block).
 
@@ -194,10 +194,14 @@ def build_step_graph(
                 b,
             )
         elif action.kind is ActionKind.LOSS and chunking is not None:
+            own_head = head_node(b) if head is not None else None
+            loss = call(
+                chunks.chunk_loss, b, "loss", chunk_prog[b], passes[b], own_head, target, loss_slots[b],
+                autocast=autocast,
+            )
             value = call(
-                chunks.chunk_backward, b, "backward", chunk_prog[b], passes[b],
-                head_node(b) if head is not None else None, target, loss_slots[b],
-                accumulate=int(accumulate), autocast=autocast, keep=float(chunking.keep),
+                chunks.chunk_backward, b, "backward", chunk_prog[b], passes[b], own_head, target, loss_slots[b],
+                loss, accumulate=int(accumulate), autocast=autocast, keep=float(chunking.keep),
             )
             values[b] = call(ops.check_loss, b, "checked", value)
         elif action.kind is ActionKind.LOSS:

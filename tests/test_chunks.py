@@ -530,9 +530,10 @@ def test_cli_refuses_bad_chunk_flags_in_one_line(capsys: pytest.CaptureFixture, 
         assert words in err and len(err.splitlines()) == 1, err
 
 
-def test_chunked_stages_split_and_replicas_are_refused() -> None:
+def test_chunked_stages_split_per_block_and_replicas_average_by_hand() -> None:
     """Under --distributed each stage runs its block's chunk ops (SeCO within the stage); with
-    replicas DDP could not average chunk-by-chunk backward passes, so that is refused in one line."""
+    replicas the stage agrees on the loss before chunk_backward and averages the gradients after it
+    (DDP's reducer cannot follow one backward per chunk)."""
     from pathlib import Path
 
     from localize.distributed.launch import load_local_model
@@ -544,10 +545,14 @@ def test_chunked_stages_split_and_replicas_are_refused() -> None:
     for s in stages:
         code = s.program.code
         assert f"chunk_forward(state, {s.stage}," in code and f"chunk_backward(state, {s.stage}," in code
-        assert f"chunk_forward(state, {1 - s.stage}," not in code
+        assert f"chunk_forward(state, {1 - s.stage}," not in code and "agree" not in code
     assert stages[0].sends == ["target", *stages[1].receives[1:]] and len(stages[0].sends) == 2
-    with pytest.raises(ConfigError, match="chunk_size= with replicas"):
-        split_step(lm, replicas=2)
+    for s in split_step(lm, replicas=2):
+        lines = [line.strip() for line in s.program.code.splitlines()]
+        order = [next(i for i, line in enumerate(lines) if f"{op}(" in line)
+                 for op in ("chunk_loss", "agree_value", "chunk_backward", "average_gradients", "check_loss")]
+        assert order == sorted(order), s.program.code
+        assert f"chunk_backward(state, {s.stage}, chunk_{s.stage}" in lines[order[2]] and f"agreed_{s.stage}" in lines[order[2]]
 
 
 def test_chunk_doctests() -> None:

@@ -393,6 +393,23 @@ def test_sequence_chunks_on_a_pipeline_equal_the_in_process_schedule(files, tmp_
     assert_same_state(load_checkpoint(ckpt), ref.state_dict(), atol=1e-6)
 
 
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_replicas_of_chunked_stages_average_like_one_big_batch(files, tmp_path, accumulate):
+    """--chunk-size with K = 2 stages x R = 2 replicas: each replica trains half of every batch chunk
+    by chunk; the replicas agree on the loss, then average the gradients after the last chunk (by
+    hand: DDP cannot follow one backward per chunk). The result is train_step on the whole batch.
+    SGD: the parameters move by the gradients themselves (AdamW would blow the float noise of the
+    keys' bias gradient, zero in exact arithmetic, up to a full step of either sign)."""
+    ckpt = tmp_path / "ckpt"
+    flags = ["--chunk-size", "4", "--accumulate", str(accumulate), "--optimizer", "sgd"]
+    procs = launch(files["gpt"], 4, "--blocks", "2", "--batch-size", "8", "--checkpoint", str(ckpt), *flags)
+    ref = reference(files["gpt"], 2, 8, chunk_size=4, accumulate=accumulate, optimizer="sgd")
+    results = wait_all(procs)
+    assert [r[0] for r in results] == [0, 0, 0, 0], [r[2][-1500:] for r in results]
+    assert "2 stages x 2 replicas" in results[0][1]
+    assert_same_state(load_checkpoint(ckpt), ref.state_dict(), atol=1e-5)
+
+
 def test_recompute_on_a_pipeline_recomputes_and_equals_the_in_process_schedule(files, tmp_path):
     """--recompute under --distributed: each stage's block recomputes its units in backward (the
     units' layers run more often than without), and the pipeline ends where train_step ends."""
@@ -447,6 +464,44 @@ def test_a_nan_on_one_replica_stops_every_replica_alike(tmp_path):
     model.write_text(NAN.replace("x[20:] = float('nan')", "x[25:30] = float('nan')"))
     results = wait_all(launch(model, 2, "--blocks", "1", "--batch-size", "10", "--timeout", "20"), timeout=60)
     for code, _, err in results:  # batch 2 = samples 20..29: replica 1's half holds the NaNs
+        assert code == 1 and "block 0 loss is nan at step 2" in err, err[-800:]
+
+
+RECURRENT_NAN = """
+import torch
+from torch import nn
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(4, 8, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0])
+
+def model():
+    return Net()
+
+def example_inputs():
+    return (torch.randn(2, 12, 4),)
+
+def dataset():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 12, 4, generator=g)
+    x[25:30, 7] = float('nan')
+    y = torch.randint(0, 3, (40, 12), generator=g)
+    return (x, y), (x, y)
+"""
+
+
+def test_a_nan_on_one_replica_of_a_chunked_stage_stops_every_replica_alike(tmp_path):
+    """Chunked replicas agree on the loss value before chunk_backward too: the replica whose half of
+    batch 2 holds a NaN and the one whose half is finite both stop with the in-process message."""
+    model = tmp_path / "rnn_nan.py"
+    model.write_text(RECURRENT_NAN)
+    procs = launch(model, 2, "--blocks", "1", "--batch-size", "10", "--chunk-size", "4", "--timeout", "20")
+    for code, _, err in wait_all(procs, timeout=60):
         assert code == 1 and "block 0 loss is nan at step 2" in err, err[-800:]
 
 

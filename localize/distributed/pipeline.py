@@ -12,7 +12,9 @@ blocks (and its aux head) runs on R ranks:
 * the R replicas of a stage run their block and head under ``DistributedDataParallel`` over a
   per-stage process group: gradients are averaged in buckets while backward runs, buffers come
   from replica 0 before each forward, and between the calls of an accumulation cycle DDP does not
-  synchronise (``no_sync``).
+  synchronise (``no_sync``). A chunked block (``--chunk-size``) backpropagates once per chunk,
+  which DDP cannot follow: its replicas agree on the loss, then average the gradients after the
+  last chunk in one all-reduce.
 
 Every stage sees the microbatches in order and updates after each, so the parameters after
 training equal those of ``LocalModel.train_step`` run over the same batches in one process
@@ -329,18 +331,62 @@ class Pipeline:
         ``backward``) averages the gradients. A non-finite loss anywhere makes every replica skip
         ``backward`` together, so none waits for a gradient that never comes.
         """
-        value = loss.detach().to(torch.float64).reshape(1)
-        self._collective("agreeing on the loss with", lambda: dist.all_reduce(value, group=self.stage_group))
-        mean = value / self.layout.replicas
-        if not math.isfinite(float(mean)):
+        mean = self.agree_value(loss.detach())
+        if not math.isfinite(mean):
             return torch.full_like(loss.detach(), math.nan)
-        return loss - loss.detach() + mean.to(loss.dtype).reshape(loss.shape)
+        return loss - loss.detach() + torch.tensor(mean, dtype=loss.dtype, device=loss.device).reshape(loss.shape)
+
+    def agree_value(self, value: float | torch.Tensor) -> float:
+        """The replicas' mean of ``value``; NaN on every replica when it is not finite on one."""
+        total = torch.as_tensor(value, dtype=torch.float64).reshape(1).to(self.device)
+        self._collective("agreeing on the loss with", lambda: dist.all_reduce(total, group=self.stage_group))
+        mean = float(total) / self.layout.replicas
+        return mean if math.isfinite(mean) else math.nan
+
+    def average_gradients(self, block: int, value: float, accumulate: int) -> None:
+        """Average the gradients the block's update will apply over the stage's replicas (a chunked
+        block, which DDP cannot follow: :func:`localize.distributed.ops.average_gradients`).
+
+        One all-reduce per dtype of a flat buffer holding every parameter's gradient and whether the
+        replica has one: a parameter no replica reached keeps ``grad=None`` (AdamW skips it, as in
+        one process), one that some replicas reached gets the mean over all of them.
+        """
+        if ops.updating(self.state, block, value, accumulate) is None:
+            return
+        optimizer = self.state.optimizers[block]
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for p in params:
+            by_dtype.setdefault(p.dtype, []).append(p)
+        for dtype, group in by_dtype.items():
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in group]
+            has = torch.tensor([p.grad is not None for p in group], dtype=dtype, device=group[0].device)
+            flat = torch.cat([g.reshape(-1) for g in grads] + [has])
+            self._collective("averaging gradients with", lambda flat=flat: dist.all_reduce(flat, group=self.stage_group))
+            flat /= self.layout.replicas
+            offset = 0
+            for p, reached in zip(group, flat[-len(group):].tolist()):
+                n = p.numel()
+                if reached > 0:
+                    p.grad = flat[offset : offset + n].view_as(p).clone()
+                offset += n
 
     def _replicate(self) -> None:
         """Run the block (and, through the same reducer, its head) under ``DistributedDataParallel``
         over the stage's replicas: bucketed gradient all-reduce overlapping backward, buffers from
-        replica 0 before every forward. Parameters another block trains (tied weights) are ignored."""
+        replica 0 before every forward. Parameters another block trains (tied weights) are ignored.
+        A chunked block starts from replica 0's parameters and buffers, as DDP would, and averages
+        its gradients after the chunks (:meth:`average_gradients`)."""
         from torch.nn.parallel import DistributedDataParallel
+
+        if self.lm.chunking is not None:
+            source = self.layout.rank(self.stage, 0)
+            modules = [m for m in (self.block.module, self.block.aux) if m is not None]
+            for t in [t for m in modules for t in (*m.parameters(), *m.buffers())]:
+                self._collective(
+                    "starting from replica 0 with", lambda t=t: dist.broadcast(t.data, source, group=self.stage_group)
+                )
+            return
 
         replica = _StageReplica(self.block.module, self.block.aux)
         mine = {id(p) for p in self.block.trainable}

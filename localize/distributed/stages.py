@@ -11,7 +11,11 @@ sends on right after its block's forward (:func:`~localize.distributed.ops.send`
 so the next stage starts at once. With replicas, a stage's replicas agree on the loss before
 ``backward`` (:func:`~localize.distributed.ops.agree_loss`); the pipeline runs the block under
 ``DistributedDataParallel``, which averages the gradients during ``backward`` and shares batch-norm
-buffers before the forward.
+buffers before the forward. A chunked block backpropagates once per chunk, which DDP's reducer (one
+backward per forward) cannot follow: its replicas agree on the value of
+:func:`~localize.runtime.chunks.chunk_loss` before ``chunk_backward``
+(:func:`~localize.distributed.ops.agree_value`) and average the gradients after it, in one
+all-reduce (:func:`~localize.distributed.ops.average_gradients`).
 
 The nodes a stage runs are the step graph's own nodes, in the step's order; fx writes each stage's
 code as it writes the step's.
@@ -126,11 +130,6 @@ def split_step(lm, replicas: int = 1) -> list[StageProgram]:
             owner[node] = block
         else:
             owner[node] = max((owner[a] for a in node.all_input_nodes if a is not state), default=0)
-    if replicas > 1 and lm.chunking is not None:
-        raise ConfigError(
-            "chunk_size= with replicas: a chunked block backpropagates chunk by chunk, which "
-            "DistributedDataParallel cannot average; launch K processes (one per block) or train without chunks"
-        )
     for s, b in enumerate(lm.blocks):
         calls = [n for n in nodes if n.op in ("call_module", "get_attr") and n.target.startswith(("block_", "chunk_"))]
         if b.index != s or not any(owner[n] == s for n in calls):
@@ -150,6 +149,7 @@ def split_step(lm, replicas: int = 1) -> list[StageProgram]:
 _BLOCK_OPS = {
     chunks.chunk_forward,
     chunks.chunk_outputs,
+    chunks.chunk_loss,
     chunks.chunk_backward,
     ops.local_loss,
     ops.head_loss,
@@ -199,7 +199,18 @@ def _stage_program(step, nodes, owner, crossing, s: int, stages: int, replicas: 
                 "call_function", dist_ops.agree_loss, (env[state], s, env[loss]), name=f"agreed_{s}"
             )
             lookup = lambda m, loss=loss, agreed=agreed: agreed if m is loss else env[m]  # noqa: E731
+        elif n.target is chunks.chunk_backward and replicas > 1:  # agree on the value; average by hand
+            value = n.args[7]
+            agreed = graph.create_node(
+                "call_function", dist_ops.agree_value, (env[state], s, env[value]), name=f"agreed_{s}"
+            )
+            lookup = lambda m, value=value, agreed=agreed: agreed if m is value else env[m]  # noqa: E731
         env[n] = graph.node_copy(n, lookup)
+        if n.target is chunks.chunk_backward and replicas > 1:
+            env[n] = graph.create_node(
+                "call_function", dist_ops.average_gradients, (env[state], s, env[n]),
+                {"accumulate": n.kwargs.get("accumulate", 1)}, name=f"averaged_{s}",
+            )
         if n.op == "call_function" and n.target in _BLOCK_OPS:
             value = env[n]
     if not sent:

@@ -9,7 +9,8 @@ calls two ops for such a block instead of the block and its loss:
   RNG state each chunk started from, so dropout replays); with SeCO the last chunk alone keeps its
   graph, since the reverse walk starts with it. Its outputs, joined along the sequence, are the
   block's outputs: the next block reads them as it reads any block's.
-* :func:`chunk_backward` walks the chunks in reverse. Chunk ``c`` is recomputed (the last one is
+* :func:`chunk_loss` computes the loss over the whole sequence from the joined outputs, without a
+  graph (so replicas agree on it before any backward), and :func:`chunk_backward` walks the chunks in reverse. Chunk ``c`` is recomputed (the last one is
   not: its graph is the forward's) with its carried-in states as leaves that require grad; it
   backpropagates its share of the loss plus the gradients later chunks sent into the states it
   carried out, which leaves the gradients of its carried-in states for chunk ``c - 1``. Each
@@ -48,6 +49,7 @@ __all__ = [
     "attend",
     "chunk_backward",
     "chunk_forward",
+    "chunk_loss",
     "chunk_outputs",
     "cumsum",
     "dropout_rate",
@@ -103,6 +105,7 @@ class ChunkPass:
     leaves: list[list[torch.Tensor | None]] | None = None
     last: tuple[tuple, tuple] | None = None
     rng_after: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+    weights: list[float] = field(default_factory=list)  # each chunk's share of the loss (chunk_loss)
 
 
 # ------------------------------------------------------------------------------ ops inside chunk programs
@@ -316,29 +319,9 @@ def keep_mask(n: int, keep: float) -> list[bool]:
     return (torch.rand(n) < keep).tolist()
 
 
-def chunk_backward(
-    state: StepState,
-    block: int,
-    program: nn.Module,
-    done: ChunkPass,
-    head: nn.Module | None,
-    target: torch.Tensor,
-    slot: int,
-    accumulate: int = 1,
-    autocast: str | None = None,
-    keep: float = 1.0,
-) -> float:
-    """L of a chunked block: the loss of the whole sequence, backpropagated chunk by chunk in reverse
-    (SeCO), or through a random subset of chunks with compensation (SpaCO, ``keep < 1``).
-
-    Returns the loss over the whole sequence (every chunk's, kept or not); a non-finite loss is not
-    backpropagated, as in :func:`localize.runtime.ops.backward`.
-    """
-    spec: ChunkSpec = program.chunk_spec
+def _chunk_views(done: ChunkPass, spec: ChunkSpec, head: nn.Module | None, target: torch.Tensor, slot: int):
+    """The chunks' starts, and per chunk: its prediction from a feature, its slice of the target."""
     out_dim = spec.outputs[slot]
-    ignore = getattr(state.loss_fn, "ignore_index", -100)
-    starts = list(range(0, done.length, done.size))
-    n = len(starts)
     feature_full = done.outputs[slot]
     tdim = (feature_full.dim() + out_dim) if out_dim < 0 else out_dim  # leading dims are shared
 
@@ -348,21 +331,69 @@ def chunk_backward(
     def target_of(start: int, size: int) -> torch.Tensor:
         return target.narrow(tdim, start, size) if target.dim() > tdim else target
 
-    def amp() -> Any:
-        return torch.autocast(state.device_type, dtype=AUTOCAST_DTYPES[autocast]) if autocast else nullcontext()
+    return list(range(0, done.length, done.size)), pred_of, target_of
 
+
+def _amp(state: StepState, autocast: str | None) -> Any:
+    return torch.autocast(state.device_type, dtype=AUTOCAST_DTYPES[autocast]) if autocast else nullcontext()
+
+
+def chunk_loss(
+    state: StepState,
+    block: int,
+    program: nn.Module,
+    done: ChunkPass,
+    head: nn.Module | None,
+    target: torch.Tensor,
+    slot: int,
+    autocast: str | None = None,
+) -> float:
+    """The loss of a chunked block over the whole sequence, without a graph: every chunk's loss
+    weighted by its share of the counted targets (``ignore_index`` excluded), summed. The weights stay
+    in ``done`` for :func:`chunk_backward`; the value is known before any backward pass, so replicas
+    can agree on it first (a non-finite one backpropagates nothing anywhere)."""
+    spec: ChunkSpec = program.chunk_spec
+    ignore = getattr(state.loss_fn, "ignore_index", -100)
+    starts, pred_of, target_of = _chunk_views(done, spec, head, target, slot)
+    feature_full, out_dim = done.outputs[slot], spec.outputs[slot]
     total = _count(target, ignore)
     weights, values = [], []
-    with torch.no_grad():  # the value of every chunk first: a non-finite loss backpropagates nothing
+    with torch.no_grad():
         for start in starts:
             size = min(done.size, done.length - start)
             t = target_of(start, size)
             w = _count(t, ignore) / total if total > 0 else 0.0
             weights.append(w)
-            with amp():
+            with _amp(state, autocast):
                 loss = state.loss_fn(pred_of(feature_full.narrow(out_dim, start, size)), t)
             values.append(float(loss) * w if w > 0 else 0.0)
-    value = math.fsum(values)
+    done.weights = weights
+    return math.fsum(values)
+
+
+def chunk_backward(
+    state: StepState,
+    block: int,
+    program: nn.Module,
+    done: ChunkPass,
+    head: nn.Module | None,
+    target: torch.Tensor,
+    slot: int,
+    value: float,
+    accumulate: int = 1,
+    autocast: str | None = None,
+    keep: float = 1.0,
+) -> float:
+    """L of a chunked block: its loss (``value``, from :func:`chunk_loss`) backpropagated chunk by
+    chunk in reverse (SeCO), or through a random subset of chunks with compensation (SpaCO,
+    ``keep < 1``).
+
+    Returns ``value``; a non-finite one is not backpropagated, as in :func:`localize.runtime.ops.backward`.
+    """
+    spec: ChunkSpec = program.chunk_spec
+    starts, pred_of, target_of = _chunk_views(done, spec, head, target, slot)
+    n = len(starts)
+    weights = done.weights
     last, done.last = done.last, None  # the last chunk's graph: used (or dropped) below
     if not math.isfinite(value):
         return value
@@ -382,10 +413,10 @@ def chunk_backward(
         size = min(done.size, done.length - start)
         if last is not None and c == n - 1:
             (outs, states), last = last, None
-            with _replay(done.rng_after, done.inputs) if done.rng_after else nullcontext(), amp():
+            with _replay(done.rng_after, done.inputs) if done.rng_after else nullcontext(), _amp(state, autocast):
                 loss = state.loss_fn(pred_of(outs[slot]), target_of(start, size))
         else:
-            with _replay(done.rng[c], done.inputs) if done.rng else nullcontext(), amp():
+            with _replay(done.rng[c], done.inputs) if done.rng else nullcontext(), _amp(state, autocast):
                 outs, states = program(start, _carried(spec, leaves, c), *_chunk_inputs(spec, done.inputs, start, size))
                 loss = state.loss_fn(pred_of(outs[slot]), target_of(start, size))
         roots, grads = [], []

@@ -72,6 +72,7 @@ __all__ = [
     "scheduler_step",
     "start_backward",
     "update_due",
+    "updating",
 ]
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -275,7 +276,7 @@ def check_loss(state: StepState, block: int, value: float) -> float:
     return value
 
 
-def _updating(state: StepState, block: int, value: float, accumulate: int) -> torch.optim.Optimizer | None:
+def updating(state: StepState, block: int, value: float, accumulate: int) -> torch.optim.Optimizer | None:
     """The block's optimizer if this call updates it (due, and the loss finite), else None."""
     due = update_due(state, accumulate)
     optimizer = state.optimizers[block]
@@ -286,7 +287,7 @@ def clip_gradients(state: StepState, block: int, value: float, max_norm: float, 
     """Clip the norm of the gradient the block's optimizer will apply to ``max_norm``
     (``torch.nn.utils.clip_grad_norm_`` over its parameters and its head's); skipped for a non-finite
     loss and between updates. With a ``GradScaler`` the gradient is unscaled first."""
-    optimizer = _updating(state, block, value, accumulate)
+    optimizer = updating(state, block, value, accumulate)
     if optimizer is not None:
         scaler = state.scalers[block] if state.scalers else None
         if scaler is not None:
@@ -300,7 +301,7 @@ def clip_gradients(state: StepState, block: int, value: float, max_norm: float, 
 def optimizer_step(state: StepState, block: int, value: float, accumulate: int = 1) -> float:
     """Step the block's optimizer (through its ``GradScaler`` with fp16), unless its loss was not
     finite or the accumulation cycle has not ended."""
-    optimizer = _updating(state, block, value, accumulate)
+    optimizer = updating(state, block, value, accumulate)
     if optimizer is not None:
         scaler = state.scalers[block] if state.scalers else None
         if scaler is not None:
@@ -313,7 +314,7 @@ def optimizer_step(state: StepState, block: int, value: float, accumulate: int =
 
 def scheduler_step(state: StepState, block: int, value: float, accumulate: int = 1) -> float:
     """Step the block's learning-rate scheduler after each of its optimizer's updates."""
-    if _updating(state, block, value, accumulate) is not None:
+    if updating(state, block, value, accumulate) is not None:
         scheduler = state.schedulers[block] if state.schedulers else None
         if scheduler is not None:
             scheduler.step()
@@ -324,7 +325,7 @@ def release_gradients(state: StepState, block: int, value: float, accumulate: in
     """Free the block's gradients once its update used them (``zero_grad(set_to_none=True)``), so
     they are not alive while the later blocks run; kept between the calls of an accumulation cycle
     and when the update was skipped (a non-finite loss, ``update=False``)."""
-    optimizer = _updating(state, block, value, accumulate)
+    optimizer = updating(state, block, value, accumulate)
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)
     return value
@@ -332,6 +333,6 @@ def release_gradients(state: StepState, block: int, value: float, accumulate: in
 
 def after_update(state: StepState, block: int, head: nn.Module, value: float, accumulate: int = 1) -> float:
     """The head's ``after_update()`` once its block has stepped (e.g. an EMA following a layer)."""
-    if _updating(state, block, value, accumulate) is not None:
+    if updating(state, block, value, accumulate) is not None:
         head.after_update()
     return value
