@@ -1,16 +1,17 @@
-"""Real rank processes for the distributed tests: forked from the warm test process, with
-torchrun's environment, one thread each; and the in-process reference they are compared with."""
+"""Real rank processes for the distributed tests: forked from a warm fork server, with torchrun's
+environment, one thread each; and the in-process reference they are compared with."""
 
 from __future__ import annotations
 
 import importlib
+import multiprocessing
+import multiprocessing.context
 import os
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 import traceback
 from pathlib import Path
 
@@ -40,58 +41,76 @@ def rank_env(world: int, **extra: str) -> dict[str, str]:
     return env
 
 
+def _rank_main(module: str, argv: list[str], env: dict[str, str], out: str, err: str) -> None:
+    """A rank's body, in the forked child: torchrun's environment, stdout/stderr (file descriptors
+    1 and 2, so C++ logs too) in files, then ``module.main(argv)``'s exit code."""
+    code = 3
+    try:
+        os.environ.clear()
+        os.environ.update(env)
+        for fd, path in ((1, out), (2, err)):
+            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        sys.stdout = open(1, "w", buffering=1, closefd=False)
+        sys.stderr = open(2, "w", buffering=1, closefd=False)
+        code = importlib.import_module(module).main(argv)
+    except BaseException:  # noqa: BLE001 - report anything, then leave without cleanup
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+_SERVER: multiprocessing.context.ForkServerContext | None = None
+
+
+def _server() -> multiprocessing.context.ForkServerContext:
+    """Ranks are forked from a fork server, a clean process that imported torch and localize once:
+    a rank skips the seconds a fresh interpreter pays, and it is not forked from the test process,
+    which has run autograd (after a ``FakeTensorMode`` run, as ``transform`` does, torch >= 2.14 refuses
+    autograd in a child forked from a process that has run backward)."""
+    global _SERVER
+    if _SERVER is None:
+        _SERVER = multiprocessing.get_context("forkserver")
+        _SERVER.set_forkserver_preload(
+            ["torch._dynamo", "torch._inductor", "torch.export._trace", "torch.onnx", "localize.distributed", "localize.cli.main", "rank_warmup"]
+        )
+    return _SERVER
+
+
 class Rank:
-    """One rank forked from this (warm) process: it skips the seconds of importing torch and
-    localize that a fresh interpreter pays, which keeps multi-process tests fast on 2 cores. The
-    child runs ``python -m localize.distributed``'s ``main`` with torchrun's environment and its
-    stdout/stderr (file descriptors 1 and 2, so C++ logs too) in files, like a separate process."""
+    """One rank, a process forked from the fork server (:func:`_server`), running ``module.main(argv)``
+    with torchrun's environment and its output in files, like a separate process."""
 
     def __init__(self, module: str, argv: list[str], env: dict[str, str], logs: Path) -> None:
         self.out, self.err = logs.with_suffix(".out"), logs.with_suffix(".err")
         self.returncode: int | None = None
-        self.pid = os.fork()
-        if self.pid == 0:  # the child: never returns into pytest
-            code = 3
-            try:
-                os.environ.clear()
-                os.environ.update(env)
-                for fd, path in ((1, self.out), (2, self.err)):
-                    os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-                sys.stdout = open(1, "w", buffering=1, closefd=False)
-                sys.stderr = open(2, "w", buffering=1, closefd=False)
-                code = importlib.import_module(module).main(argv)
-            except BaseException:  # noqa: BLE001 - report anything, then leave without pytest's cleanup
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
+        self.process = _server().Process(
+            target=_rank_main, args=(module, argv, env, str(self.out), str(self.err)), daemon=True
+        )
+        self.process.start()
+        self.pid = self.process.pid
 
     def poll(self) -> int | None:
-        if self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
+        if self.returncode is None and self.process.exitcode is not None:
+            self.returncode = self.process.exitcode
         return self.returncode
 
     def communicate(self, timeout: float) -> tuple[str, str]:
-        deadline = time.time() + timeout
-        while self.poll() is None:
-            if time.time() > deadline:
-                raise subprocess.TimeoutExpired(f"rank pid {self.pid}", timeout)
-            time.sleep(0.02)
+        self.process.join(timeout)
+        if self.poll() is None:
+            raise subprocess.TimeoutExpired(f"rank pid {self.pid}", timeout)
         return self.out.read_text(), self.err.read_text()
 
     def kill(self) -> None:
         if self.poll() is None:
-            os.kill(self.pid, signal.SIGKILL)
-            os.waitpid(self.pid, 0)
+            self.process.kill()
+            self.process.join()
             self.returncode = -signal.SIGKILL
 
     def wait(self) -> int | None:
-        if self.returncode is None:
-            self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
-        return self.returncode
+        self.process.join()
+        return self.poll()
 
 
 def launch(model: Path, world: int, *args: str, ranks: int | None = None, **extra: str) -> list[Rank]:

@@ -2,8 +2,8 @@
 in-process schedule trains, replicas average like one big batch, a dead or hung rank stops the
 others with one clear line, and bad launches fail in one line.
 
-Ranks are real processes with one thread each: forked from the test process (``Rank``: it has
-imported torch already, which saves seconds per rank) running ``python -m localize.distributed``'s
+Ranks are real processes with one thread each: forked from a fork server that imported torch and
+localize once (``ranks.Rank``, which saves seconds per rank) running ``python -m localize.distributed``'s
 ``main``, and once launched cold by torchrun. The in-process reference runs the same batches through
 ``LocalModel.train_step``.
 """
@@ -166,7 +166,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     for name, text in {"masked": MASKED, "mlp": MLP, "stream": STREAM, "gpt": GPT, "counted": COUNTED}.items():
         out[name] = root / f"{name}.py"
         out[name].write_text(text)
-    load_local_model(str(out["mlp"]), 2)  # warm up this process: forked ranks skip the first-call costs
+    load_local_model(str(out["mlp"]), 2)  # warm up this process for the in-process references
     return out
 
 

@@ -1,5 +1,5 @@
 """Distributed checkpoints and resumption: a pipeline killed with SIGKILL mid-epoch and relaunched
-with ``--resume auto`` ends bit-identical to an uninterrupted run (forked ranks, and cold processes
+with ``--resume auto`` ends bit-identical to an uninterrupted run (ranks from a fork server, and cold processes
 under ``torchrun --max-restarts 1``); a checkpoint resumes on another replica count; it loads into
 one process; files that would run code, or belong to another model, are refused.
 """
