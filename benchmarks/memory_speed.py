@@ -4,8 +4,8 @@ Everything is measured side by side in one run per model, on the same weights, b
 (SGD with momentum):
 
 * ``backprop``: one loss at the output, full backward;
-* ``checkpoint per unit``: backprop with every unit (residual block, transformer layer) under
-  ``torch.utils.checkpoint`` (``localize.transform(blocks=1, recompute=True)``: the same split);
+* ``checkpoint per unit``: backprop with every unit (residual block, transformer layer) of the
+  original model under ``torch.utils.checkpoint``, wrapped by hand as users do (``UNITS``);
 * localize at K = 2, 4, 8 (defaults: ``dgl`` heads, memory balance), K = 4 balanced by FLOPs (the
   distributed default), and K = 4 with ``recompute=True`` (each unit recomputed in its block's backward).
 
@@ -23,6 +23,7 @@ backprop's peak at the base batch, found by bisection with the tracker (from a l
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
+from torch.utils.checkpoint import checkpoint
 
 import localize
 from localize.runtime.memory import SavedActivationMeter
@@ -61,10 +63,16 @@ MODELS: dict[str, tuple[Callable[[], torch.nn.Module], Callable[[int], tuple]]] 
     ),
 }
 BATCH = {"resnet": 64, "resnet1d": 512, "vit": 64, "gpt": 8}
+UNITS = {  # the containers whose children are the units checkpointing wraps
+    "resnet": ("layer1", "layer2", "layer3", "layer4"),
+    "resnet1d": ("layer1", "layer2", "layer3"),
+    "vit": ("layers",),
+    "gpt": ("layers",),
+}
 
 METHODS = {  # name -> transform options (None: plain backprop)
     "backprop": None,
-    "checkpoint per unit": {"blocks": 1, "recompute": True},
+    "checkpoint per unit": "checkpoint",
     "localize K=2": {"blocks": 2},
     "localize K=4": {"blocks": 4},
     "localize K=8": {"blocks": 8},
@@ -84,12 +92,22 @@ class Backprop:
         self.optimizer.step()
 
 
+def checkpointed(model: torch.nn.Module, model_name: str) -> torch.nn.Module:
+    """``model`` with each unit's forward under ``torch.utils.checkpoint`` (non-reentrant)."""
+    for container in UNITS[model_name]:
+        for unit in model.get_submodule(container).children():
+            unit.forward = functools.partial(checkpoint, unit.forward, use_reentrant=False)
+    return model
+
+
 def make(name: str, model_name: str, batch: tuple) -> Any:
     torch.manual_seed(0)
     model = MODELS[model_name][0]()
     options = METHODS[name]
     if options is None:
         return Backprop(model)
+    if options == "checkpoint":
+        return Backprop(checkpointed(model, model_name))
     loss = None if model_name != "gpt" else (lambda p, t: F.cross_entropy(p.reshape(-1, p.shape[-1]), t.reshape(-1)))
     return localize.transform(model, example_inputs=(batch[0][:2],), optimizer=sgd, loss_fn=loss, **options)
 

@@ -152,17 +152,20 @@ def _is_unit(root: torch.nn.Module, path: str) -> bool:
 
 
 def find_cut_points(
-    gm: fx.GraphModule, root: torch.nn.Module | None = None, *, max_frontier: int = 1
+    gm: fx.GraphModule, root: torch.nn.Module | None = None, *, max_frontier: int = 1, inside_units: bool = False
 ) -> list[CutPoint]:
     """Every legal cut, in graph order. Sets ``meta["localize"]["position"]`` on compute nodes.
 
     ``root`` is the user's model (module types decide what a unit is); defaults to ``gm``.
+    ``inside_units=True`` drops rule 2: the places where a unit could be split (recomputation
+    splits units there, :mod:`localize.passes.recompute_units`; blocks never do).
     """
     root = root if root is not None else gm
     nodes = compute_nodes(gm)
     pos = {n: i for i, n in enumerate(nodes)}
     for n, i in pos.items():
-        lmeta(n)["position"] = i
+        if not inside_units:  # the plan's numbering, not a later graph's
+            lmeta(n)["position"] = i
     count = len(nodes)
     # diff-array sweep: a value defined at p and last used at q crosses cuts p..q-1
     grad_diff = [0] * (count + 1)
@@ -207,7 +210,7 @@ def find_cut_points(
                 readable_diff[first] += 1
                 readable_diff[users[-1]] -= 1
     blocked = [False] * count
-    for a, b in _unit_intervals(gm, nodes, root):
+    for a, b in [] if inside_units else _unit_intervals(gm, nodes, root):
         for i in range(a, b):
             blocked[i] = True
     has_params_after = [False] * (count + 1)

@@ -8,8 +8,14 @@ run, and the nodes between units are runs of their own. The unit runs are wrappe
 use_reentrant=False)``: the forward keeps only each unit's inputs, and the unit is recomputed during
 the block's backward (with the RNG state it first ran with, so dropout draws the same masks). A
 block then holds its unit boundaries plus one unit's activations at a time, and the gradient is the
-same as without recomputation. The block's last unit is not recomputed: its backward follows its
+same as without recomputation. The block's last run is not recomputed: its backward follows its
 forward at once (only the aux head runs between), so recomputing it would save nothing.
+
+A block with few units may recompute each of them as shorter runs: :func:`split_at` cuts a unit
+where a single activation crosses inside it (a pre-norm transformer layer, between its attention
+and its MLP), and :func:`choose_runs` keeps that split when it lowers the block's estimated peak
+(more boundaries kept, half a unit rebuilt at a time). A residual unit whose skip spans the whole of
+it (a ResNet block) has no such place.
 
 Batch-norm running statistics are updated twice for a recomputed unit in training mode (as with any
 ``torch.utils.checkpoint``); the trained weights are unaffected.
@@ -19,8 +25,8 @@ Example:
     >>> from localize.zoo import GPT
     >>> lm = localize.transform(GPT(vocab_size=20, block_size=16, dim=16, depth=4, heads=2), blocks=2,
     ...                         example_inputs=(torch.randint(0, 20, (2, 8)),), recompute=True)
-    >>> [type(m).__name__ for m in lm.recompute_programs[0].children()]
-    ['GraphModule', 'Recompute', 'GraphModule']
+    >>> [type(m).__name__ for m in lm.recompute_programs[0].children()]  # 2 layers: 4 halves, the last kept
+    ['GraphModule', 'Recompute', 'Recompute', 'Recompute', 'GraphModule']
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from torch import nn
 from torch.fx.passes.split_module import split_module
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["Recompute", "recompute_units"]
+__all__ = ["Recompute", "choose_runs", "recompute_units", "split_at"]
 
 
 class Recompute(nn.Module):
@@ -44,6 +50,59 @@ class Recompute(nn.Module):
 
     def forward(self, *args: Any) -> Any:
         return checkpoint(self.inner, *args, use_reentrant=False)
+
+
+def split_at(units: list[frozenset[str]], after: set[str], order: dict[str, int]) -> list[frozenset[str]]:
+    """Each unit cut into runs after the nodes named in ``after`` (the places inside a unit where one
+    activation crosses, e.g. a pre-norm transformer layer's stream between its attention and its MLP:
+    :func:`localize.passes.find_cut_points.find_cut_points` with ``inside_units=True``).
+
+    Example:
+        >>> split_at([frozenset({"ln", "attn", "add", "mlp", "add_1"})], {"add"},
+        ...          {"ln": 0, "attn": 1, "add": 2, "mlp": 3, "add_1": 4}) == [
+        ...     frozenset({"ln", "attn", "add"}), frozenset({"mlp", "add_1"})]
+        True
+    """
+    out = []
+    for names in units:
+        ordered = sorted(names, key=order.__getitem__)
+        run: list[str] = []
+        for name in ordered:
+            run.append(name)
+            if name in after and name != ordered[-1]:
+                out.append(frozenset(run))
+                run = []
+        if run:
+            out.append(frozenset(run))
+    return out
+
+
+def choose_runs(
+    coarse: list[frozenset[str]], fine: list[frozenset[str]], nodes: dict[str, fx.Node]
+) -> list[frozenset[str]]:
+    """Of two ways to cut a block's units into recomputed runs, the one with the smaller estimated
+    peak: the boundaries kept until the block's backward (each run's output but the last's) plus the
+    largest run's activations (alive while it is backpropagated). Finer runs keep more boundaries and
+    rebuild less at a time: worth it with few units per block, not with many.
+
+    Bytes come from the example run (``meta["localize"]["cost"]`` and ``value_info``): only their
+    ratios matter, and they scale alike with the batch.
+    """
+    from localize.passes.annotate_tensors import value_info
+
+    def peak(runs: list[frozenset[str]]) -> int:
+        if not runs:
+            return 0
+        saved = [sum(getattr(nodes[n].meta.get("localize", {}).get("cost"), "activation_bytes", 0) for n in r)
+                 for r in runs]
+        order = {n: i for i, n in enumerate(nodes)}
+        outs = []
+        for r in runs[:-1]:
+            info = value_info(nodes[max(r, key=order.__getitem__)])
+            outs.append(info.nbytes if info is not None else 0)
+        return sum(outs) + max(saved)
+
+    return fine if peak(fine) < peak(coarse) else coarse
 
 
 def recompute_units(block: fx.GraphModule, units: list[frozenset[str]], root: nn.Module) -> fx.GraphModule:

@@ -1,4 +1,4 @@
-"""The package declares the torch versions it supports as a range; CI pins one inside it."""
+"""The package declares the torch versions it supports as a range; CI tests both of its ends."""
 
 from __future__ import annotations
 
@@ -25,12 +25,25 @@ def test_torch_is_a_range_not_a_pin():
     assert spec.contains("2.13.0") and spec.contains("2.15.0") and not spec.contains("2.12.1")
 
 
-def test_the_constraints_ci_installs_lie_inside_the_range_and_match_this_torch():
-    pins = [Requirement(line) for line in (ROOT / "constraints.txt").read_text().splitlines() if line and line[0] != "#"]
-    torch_pin = next(r for r in pins if r.name == "torch")
-    pinned = Version(next(iter(torch_pin.specifier)).version)
-    assert _torch_requirement().specifier.contains(pinned)
-    assert Version(torch.__version__).release == pinned.release  # the suite runs on the pinned torch
+def _pinned(name: str) -> Version:
+    lines = (ROOT / name).read_text().splitlines()
+    pin = next(r for r in (Requirement(x) for x in lines if x and x[0] != "#") if r.name == "torch")
+    return Version(next(iter(pin.specifier)).version)
+
+
+def test_ci_tests_both_ends_of_the_range_and_this_torch_is_one_of_them():
+    """constraints.txt pins the lowest minor release the range admits, constraints-upper.txt the
+    highest; .ci/run runs the suite on each, so this torch is one of the two."""
+    spec = _torch_requirement().specifier
+    low, high = _pinned("constraints.txt"), _pinned("constraints-upper.txt")
+    assert spec.contains(low) and spec.contains(high)
+    floor = Version(next(s.version for s in spec if s.operator == ">="))
+    ceiling = Version(next(s.version for s in spec if s.operator == "<"))
+    assert low.release[:2] == floor.release[:2]
+    assert (high.major, high.minor + 1) == (ceiling.major, ceiling.minor)
+    assert Version(torch.__version__).release in (low.release, high.release)
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "-c constraints.txt" in ci and "PIP_CONSTRAINT=constraints-upper.txt" in ci
 
 
 def test_the_installed_distribution_declares_the_same_range():

@@ -29,7 +29,7 @@ from localize.passes.find_units import find_units
 from localize.passes.infer_layout import infer_layout
 from localize.passes.insert_aux_heads import insert_aux_heads
 from localize.passes.insert_gradient_cuts import insert_gradient_cuts, source_of
-from localize.passes.recompute_units import recompute_units
+from localize.passes.recompute_units import choose_runs, recompute_units, split_at
 from localize.passes.resolve_named_cuts import resolve_named_cuts
 from localize.passes.verify_isolation import verify_isolation
 from localize.runtime.chunks import Chunking
@@ -223,9 +223,7 @@ def transform(
     recomputed = None
     if recompute:
         with _stage("recompute_units", timings):
-            units = [u.nodes for u in find_units(plan)]
-            blocks_gm = [getattr(plan.program, f"submod_{b.index}") for b in plan.blocks]
-            recomputed = [recompute_units(gm_b, units, gm_b) for gm_b in blocks_gm]
+            recomputed = _recompute_blocks(plan)
     return LocalModel(
         model,
         plan,
@@ -429,3 +427,22 @@ def _complete_lazy_plan(lm: LocalModel, flat: list[Any]) -> None:
     lm._set_heads(heads)
     lm._prepare_runtime()
 
+
+
+def _recompute_blocks(plan: Plan) -> list[fx.GraphModule]:
+    """Each block with its units recomputed in backward; a block whose units hold few others may cut
+    them where one activation crosses inside (a transformer layer between attention and MLP), when
+    that lowers its estimated peak (:func:`~localize.passes.recompute_units.choose_runs`)."""
+    inside = {c.after for c in find_cut_points(plan.gm, plan.model, inside_units=True)}
+    nodes = {n.name: n for n in plan.gm.graph.nodes}
+    order = {name: i for i, name in enumerate(nodes)}
+    units = [u.nodes for u in find_units(plan)]
+    out = []
+    for b in plan.blocks:
+        block = getattr(plan.program, f"submod_{b.index}")
+        names = {n.name for n in block.graph.nodes}
+        own = sorted((u for u in units if u & names), key=lambda u: min(order[n] for n in u))
+        own_nodes = {n: nodes[n] for n in sorted(set().union(*own), key=order.__getitem__)} if own else {}
+        runs = choose_runs(own, split_at(own, inside, order), own_nodes)
+        out.append(recompute_units(block, runs, block))
+    return out
