@@ -83,7 +83,7 @@ CATALOGUE = [
     ("max_frontier = 0", _transform(max_frontier=0), ConfigError, r"max_frontier must be an int >= 1"),
     ("unknown balance", _transform(balance="time"), ConfigError, r"choose one of \['flops', 'params', 'memory', 'peak'\]"),
     # --- transform(): example inputs
-    ("example input of the wrong shape", _transform(example_inputs=(torch.randn(4, 7),)), ConfigError, r"MLP itself fails on example_inputs \(RuntimeError: mat1 and mat2"),
+    ("example input of the wrong shape", _transform(example_inputs=(torch.randn(4, 7),)), ConfigError, r"MLP itself fails on example_inputs \(RuntimeError: (addmm: )?mat1 and mat2"),
     ("example input that is not a tensor", _transform(example_inputs=("x",)), ConfigError, r"itself fails on example_inputs"),
     ("example_inputs of a bad type", _transform(example_inputs={1, 2}), ConfigError, r"example_inputs must be a tuple of tensors, got set"),
     ("example_kwargs not a dict", _transform(example_kwargs=[1]), ConfigError, r"example_kwargs must be a dict"),
