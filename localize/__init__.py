@@ -13,8 +13,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from localize import _checkout
 from localize.errors import LocalizeError
 from localize.version import __version__
+
+_checkout.install()  # a checkout's kernels/ folder never shadows the PyPI package `kernels`
 
 if TYPE_CHECKING:
     from localize.compiler.tracer import Traced, trace

@@ -18,6 +18,8 @@ os.environ["OMP_NUM_THREADS"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import localize  # noqa: E402, F401 - first: a checkout's kernels/ folder must not shadow PyPI's `kernels` (localize._checkout)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

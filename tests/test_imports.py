@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -126,13 +127,32 @@ def test_kernels_and_the_program_runtime_load_no_compiler():
     heavy = {"localize.compiler.transform", "localize.compiler.tracer", "localize.passes", "networkx"}
     kernels = _loaded_after("import localize.kernels")
     assert not heavy & kernels and {m for m in kernels if m.startswith("localize")} <= (
-        {"localize", "localize.errors", "localize.version"} | {m for m in kernels if m.startswith("localize.kernels")}
+        {"localize", "localize._checkout", "localize.errors", "localize.version"}
+        | {m for m in kernels if m.startswith("localize.kernels")}
     )
     program = _loaded_after(
         "import localize.runtime.ops, localize.runtime.optim, localize.data, localize.codegen.restore, "
         "localize.compiler.model_file"
     )
     assert not heavy & program, sorted(heavy & program)
+
+
+def test_a_checkout_root_on_the_path_does_not_shadow_the_pypi_kernels_package(tmp_path):
+    """Started in the checkout's root (``python -c``/``-m`` put it first on sys.path), ``import kernels``
+    finds this project's kernels/ folder; once localize is imported it finds the installed package of
+    that name (transformers >= 5.25 imports Hugging Face's ``kernels``), here a stand-in."""
+    site = tmp_path / "site"
+    (site / "kernels").mkdir(parents=True)
+    (site / "kernels" / "__init__.py").write_text("WHO = 'installed'\n")
+    env = {**os.environ, "PYTHONPATH": str(site)}
+
+    def where(statement: str) -> str:
+        code = f"{statement}; import kernels; print(getattr(kernels, 'WHO', kernels.__file__))"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
+        return out.stdout.strip() or out.stderr.strip().splitlines()[-1]
+
+    assert str(ROOT / "kernels") in where("import sys")  # the shadowing, without localize
+    assert where("import localize") == "installed"
 
 
 def test_every_module_imports():
