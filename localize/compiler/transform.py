@@ -428,7 +428,6 @@ def _complete_lazy_plan(lm: LocalModel, flat: list[Any]) -> None:
     lm._prepare_runtime()
 
 
-
 def _recompute_blocks(plan: Plan) -> list[fx.GraphModule]:
     """Each block with its units recomputed in backward; a block whose units hold few others may cut
     them where one activation crosses inside (a transformer layer between attention and MLP), when

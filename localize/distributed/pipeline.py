@@ -51,8 +51,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
+from localize.distributed import replicas as stage_replicas
 from localize.distributed.batches import batch_len, iter_batches, shard_of, to_device
 from localize.distributed.checkpoint import restore_stage, save_state, stage_state
 from localize.distributed.ops import EndOfStream
@@ -338,63 +338,25 @@ class Pipeline:
 
     def agree_value(self, value: float | torch.Tensor) -> float:
         """The replicas' mean of ``value``; NaN on every replica when it is not finite on one."""
-        total = torch.as_tensor(value, dtype=torch.float64).reshape(1).to(self.device)
-        self._collective("agreeing on the loss with", lambda: dist.all_reduce(total, group=self.stage_group))
-        mean = float(total) / self.layout.replicas
-        return mean if math.isfinite(mean) else math.nan
+        return stage_replicas.mean_over(value, self.layout.replicas, self.stage_group, self.device, self._collective)
 
     def average_gradients(self, block: int, value: float, accumulate: int) -> None:
-        """Average the gradients the block's update will apply over the stage's replicas (a chunked
-        block, which DDP cannot follow: :func:`localize.distributed.ops.average_gradients`).
-
-        One all-reduce per dtype of a flat buffer holding every parameter's gradient and whether the
-        replica has one: a parameter no replica reached keeps ``grad=None`` (AdamW skips it, as in
-        one process), one that some replicas reached gets the mean over all of them.
-        """
-        if ops.updating(self.state, block, value, accumulate) is None:
-            return
-        optimizer = self.state.optimizers[block]
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for p in params:
-            by_dtype.setdefault(p.dtype, []).append(p)
-        for dtype, group in by_dtype.items():
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in group]
-            has = torch.tensor([p.grad is not None for p in group], dtype=dtype, device=group[0].device)
-            flat = torch.cat([g.reshape(-1) for g in grads] + [has])
-            self._collective("averaging gradients with", lambda flat=flat: dist.all_reduce(flat, group=self.stage_group))
-            flat /= self.layout.replicas
-            offset = 0
-            for p, reached in zip(group, flat[-len(group):].tolist()):
-                n = p.numel()
-                if reached > 0:
-                    p.grad = flat[offset : offset + n].view_as(p).clone()
-                offset += n
+        """A chunked block's gradients averaged over the stage's replicas when this call updates
+        (:func:`localize.distributed.replicas.average_gradients`)."""
+        optimizer = ops.updating(self.state, block, value, accumulate)
+        if optimizer is not None:
+            stage_replicas.average_gradients(optimizer, self.layout.replicas, self.stage_group, self._collective)
 
     def _replicate(self) -> None:
-        """Run the block (and, through the same reducer, its head) under ``DistributedDataParallel``
-        over the stage's replicas: bucketed gradient all-reduce overlapping backward, buffers from
-        replica 0 before every forward. Parameters another block trains (tied weights) are ignored.
-        A chunked block starts from replica 0's parameters and buffers, as DDP would, and averages
-        its gradients after the chunks (:meth:`average_gradients`)."""
-        from torch.nn.parallel import DistributedDataParallel
-
+        """Run the block and its head under ``DistributedDataParallel`` over the stage's replicas
+        (bucketed gradient all-reduce overlapping backward, buffers from replica 0 before every
+        forward); a chunked block starts from replica 0's parameters and buffers, as DDP would, and
+        averages its gradients after the chunks (:meth:`average_gradients`)."""
         if self.lm.chunking is not None:
-            source = self.layout.rank(self.stage, 0)
             modules = [m for m in (self.block.module, self.block.aux) if m is not None]
-            for t in [t for m in modules for t in (*m.parameters(), *m.buffers())]:
-                self._collective(
-                    "starting from replica 0 with", lambda t=t: dist.broadcast(t.data, source, group=self.stage_group)
-                )
+            stage_replicas.start_alike(modules, self.layout.rank(self.stage, 0), self.stage_group, self._collective)
             return
-
-        replica = _StageReplica(self.block.module, self.block.aux)
-        mine = {id(p) for p in self.block.trainable}
-        ignored = [name for name, p in replica.named_parameters() if id(p) not in mine]
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(replica, ignored)
-        self.ddp = DistributedDataParallel(
-            replica, process_group=self.stage_group, device_ids=[self.device] if self.device.type == "cuda" else None
-        )
+        self.ddp = stage_replicas.ddp(self.block.module, self.block.aux, self.block.trainable, self.stage_group, self.device)
         program = self.program.program
         for node in program.graph.nodes:
             if node.op == "call_module" and node.target.startswith("block_"):
@@ -473,19 +435,6 @@ class Pipeline:
         finite = [v for v in losses if math.isfinite(v)]
         mean = sum(finite) / len(finite) if finite else math.nan
         log(f"epoch {epoch + 1}/{epochs}: loss {mean:.4f} (last block, {len(losses)} microbatches)")
-
-
-class _StageReplica(nn.Module):
-    """What DDP wraps: the block (its forward is DDP's) and the head, whose parameters are used
-    after the forward but share the block's reducer, so one all-reduce serves both."""
-
-    def __init__(self, block: nn.Module, head: nn.Module | None) -> None:
-        super().__init__()
-        self.block = block
-        self.head = head
-
-    def forward(self, *args: Any) -> Any:
-        return self.block(*args)
 
 
 def _block_entries(lm: LocalModel, stage: int) -> list[tuple[str, Callable[[], torch.Tensor]]]:

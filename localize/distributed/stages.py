@@ -200,11 +200,11 @@ def _stage_program(step, nodes, owner, crossing, s: int, stages: int, replicas: 
             )
             lookup = lambda m, loss=loss, agreed=agreed: agreed if m is loss else env[m]  # noqa: E731
         elif n.target is chunks.chunk_backward and replicas > 1:  # agree on the value; average by hand
-            value = n.args[7]
+            chunk_value = n.args[7]  # chunk_loss's node
             agreed = graph.create_node(
-                "call_function", dist_ops.agree_value, (env[state], s, env[value]), name=f"agreed_{s}"
+                "call_function", dist_ops.agree_value, (env[state], s, env[chunk_value]), name=f"agreed_{s}"
             )
-            lookup = lambda m, value=value, agreed=agreed: agreed if m is value else env[m]  # noqa: E731
+            lookup = lambda m, v=chunk_value, agreed=agreed: agreed if m is v else env[m]  # noqa: E731
         env[n] = graph.node_copy(n, lookup)
         if n.target is chunks.chunk_backward and replicas > 1:
             env[n] = graph.create_node(
