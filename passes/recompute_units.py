@@ -38,6 +38,9 @@ from torch import nn
 from torch.fx.passes.split_module import split_module
 from torch.utils.checkpoint import checkpoint
 
+from localize.passes.annotate_tensors import value_info
+from localize.passes.cost import node_cost
+
 __all__ = ["Recompute", "choose_runs", "recompute_units", "split_at"]
 
 
@@ -88,19 +91,14 @@ def choose_runs(
     Bytes come from the example run (``meta["localize"]["cost"]`` and ``value_info``): only their
     ratios matter, and they scale alike with the batch.
     """
-    from localize.passes.annotate_tensors import value_info
+    order = {n: i for i, n in enumerate(nodes)}
 
     def peak(runs: list[frozenset[str]]) -> int:
         if not runs:
             return 0
-        saved = [sum(getattr(nodes[n].meta.get("localize", {}).get("cost"), "activation_bytes", 0) for n in r)
-                 for r in runs]
-        order = {n: i for i, n in enumerate(nodes)}
-        outs = []
-        for r in runs[:-1]:
-            info = value_info(nodes[max(r, key=order.__getitem__)])
-            outs.append(info.nbytes if info is not None else 0)
-        return sum(outs) + max(saved)
+        saved = [sum(node_cost(nodes[n]).activation_bytes for n in r) for r in runs]
+        outs = [value_info(nodes[max(r, key=order.__getitem__)]) for r in runs[:-1]]
+        return sum(info.nbytes for info in outs if info is not None) + max(saved)
 
     return fine if peak(fine) < peak(coarse) else coarse
 

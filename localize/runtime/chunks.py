@@ -3,14 +3,15 @@
 A chunked block runs as a *chunk program* (:mod:`localize.passes.chunk_sequence`): the block's graph
 on positions ``[s, s + C)``, with the states earlier chunks carry in (attention keys and values,
 recurrent hidden states, running sums, left context) and the states it carries out. The step graph
-calls two ops for such a block instead of the block and its loss:
+calls these ops for such a block instead of the block and its loss:
 
 * :func:`chunk_forward` runs every chunk without a graph, keeping only the carried states (and the
   RNG state each chunk started from, so dropout replays); with SeCO the last chunk alone keeps its
   graph, since the reverse walk starts with it. Its outputs, joined along the sequence, are the
   block's outputs: the next block reads them as it reads any block's.
 * :func:`chunk_loss` computes the loss over the whole sequence from the joined outputs, without a
-  graph (so replicas agree on it before any backward), and :func:`chunk_backward` walks the chunks in reverse. Chunk ``c`` is recomputed (the last one is
+  graph (so replicas can agree on it before any backward).
+* :func:`chunk_backward` walks the chunks in reverse. Chunk ``c`` is recomputed (the last one is
   not: its graph is the forward's) with its carried-in states as leaves that require grad; it
   backpropagates its share of the loss plus the gradients later chunks sent into the states it
   carried out, which leaves the gradients of its carried-in states for chunk ``c - 1``. Each
