@@ -10,7 +10,6 @@ nothing in the user's model changes: no running-stat updates, no dropout draws).
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +19,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.flop_counter import FlopCounterMode
 
 from localize.compiler.tracer import lmeta
+from localize.logs import loggers_at
 
 __all__ = ["ValueInfo", "annotate_tensors", "value_info"]
 
@@ -120,17 +120,6 @@ def _storage_key(t: torch.Tensor) -> int:
 _FAKE_LOG = "torch._subclasses.fake_tensor"  # torch >= 2.15 logs a traceback when a fake op fails
 
 
-@contextmanager
-def _quiet(name: str):
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def annotate_tensors(gm: fx.GraphModule, inputs: list[object]) -> fx.GraphModule:
     """Record ``ValueInfo`` for every node by running ``gm`` once (eval mode, grad enabled).
 
@@ -144,7 +133,7 @@ def annotate_tensors(gm: fx.GraphModule, inputs: list[object]) -> fx.GraphModule
             try:
                 fake = FakeTensorMode(allow_non_fake_inputs=True)
                 fake_inputs = [fake.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs]
-                with fake, _quiet(_FAKE_LOG):  # a failure is retried for real, which says what is wrong
+                with fake, loggers_at(logging.CRITICAL, _FAKE_LOG):  # a failure is retried for real, which says what is wrong
                     _Recorder(gm, fake).run(*fake_inputs)
             except Exception:  # noqa: BLE001 - data-dependent shapes: measure for real
                 _Recorder(gm).run(*inputs)

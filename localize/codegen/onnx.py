@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from localize.extras import MissingExtra, require
+from localize.logs import loggers_at
 from localize.runtime.model import LocalModel
 
 __all__ = ["ONNX_TOLERANCE", "OnnxResult", "BlockWithHead", "export_onnx", "other_batch_inputs"]
@@ -168,18 +169,11 @@ def _batched(a: Any) -> bool:
 @contextmanager
 def _quiet() -> Iterator[None]:
     """The exporter logs and warns at length (e.g. about torchvision); keep the CLI's output clean."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "onnxscript")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with (
-            warnings.catch_warnings(),
-            contextlib.redirect_stdout(io.StringIO()),
-            contextlib.redirect_stderr(io.StringIO()),
-        ):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+    with (
+        loggers_at(logging.ERROR, "torch.onnx", "torch.export", "torch._export", "onnxscript"),
+        warnings.catch_warnings(),
+        contextlib.redirect_stdout(io.StringIO()),
+        contextlib.redirect_stderr(io.StringIO()),
+    ):
+        warnings.simplefilter("ignore")
+        yield
