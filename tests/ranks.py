@@ -72,9 +72,10 @@ def _server() -> multiprocessing.context.ForkServerContext:
     global _SERVER
     if _SERVER is None:
         _SERVER = multiprocessing.get_context("forkserver")
-        _SERVER.set_forkserver_preload(
-            ["torch._dynamo", "torch._inductor", "torch.export._trace", "torch.onnx", "localize.distributed", "localize.cli.main", "rank_warmup"]
-        )
+        _SERVER.set_forkserver_preload([
+            "torch._dynamo", "torch._inductor", "torch.export._trace", "torch.onnx",  # what ranks import lazily
+            "localize.distributed", "localize.cli.main", "rank_warmup",
+        ])
     return _SERVER
 
 
