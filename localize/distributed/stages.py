@@ -165,6 +165,13 @@ _BLOCK_OPS = {
 }
 
 
+# backward ops whose loss the replicas agree on first: (the loss's position in the args, the agreeing op)
+_AGREE = {
+    ops.backward: (2, dist_ops.agree_loss),  # a tensor with its graph: DDP averages during backward
+    chunks.chunk_backward: (7, dist_ops.agree_value),  # chunk_loss's number: averaged after, by hand
+}
+
+
 def _stage_program(step, nodes, owner, crossing, s: int, stages: int, replicas: int) -> StageProgram:
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -193,18 +200,12 @@ def _stage_program(step, nodes, owner, crossing, s: int, stages: int, replicas: 
         if n.op in ("call_module", "get_attr"):
             root[n.target] = getattr(step, n.target)
         lookup = env.__getitem__
-        if n.target is ops.backward and replicas > 1:  # the replicas agree on the loss before backward
-            loss = n.args[2]
-            agreed = graph.create_node(
-                "call_function", dist_ops.agree_loss, (env[state], s, env[loss]), name=f"agreed_{s}"
-            )
+        agree = _AGREE.get(n.target) if replicas > 1 and n.op == "call_function" else None
+        if agree is not None:  # the replicas agree on the loss before backward
+            index, agree_fn = agree
+            loss = n.args[index]
+            agreed = graph.create_node("call_function", agree_fn, (env[state], s, env[loss]), name=f"agreed_{s}")
             lookup = lambda m, loss=loss, agreed=agreed: agreed if m is loss else env[m]  # noqa: E731
-        elif n.target is chunks.chunk_backward and replicas > 1:  # agree on the value; average by hand
-            chunk_value = n.args[7]  # chunk_loss's node
-            agreed = graph.create_node(
-                "call_function", dist_ops.agree_value, (env[state], s, env[chunk_value]), name=f"agreed_{s}"
-            )
-            lookup = lambda m, v=chunk_value, agreed=agreed: agreed if m is v else env[m]  # noqa: E731
         env[n] = graph.node_copy(n, lookup)
         if n.target is chunks.chunk_backward and replicas > 1:
             env[n] = graph.create_node(
