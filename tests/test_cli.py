@@ -276,6 +276,15 @@ BAD_CASES = {
         "a cosine schedule over 1 updates leaves nothing after a warmup of 9",
     ),
     "no model argument": ([], "the following arguments are required"),
+    "aux option not KEY=VALUE": (["tiny.py", "--aux-option", "width"], "--aux-option 'width' is not KEY=VALUE"),
+    "aux option unknown": (["tiny.py", "--blocks", "2", "--aux-option", "depth=2"], "the dgl head has no option(s) ['depth']; valid options are ['pool', 'width']"),
+    "aux option twice": (
+        ["tiny.py", "--aux-option", "width=8", "--aux-option", "width=16"],
+        "--aux-option width is given twice (8 and 16)",
+    ),
+    "aux option out of range": (
+        ["tiny.py", "--blocks", "2", "--aux", "readout", "--aux-option", "depth=deep"], "option depth='deep' is out of range",
+    ),
 }
 
 
@@ -466,6 +475,42 @@ def test_max_frontier_flag_allows_cuts_across_two_activations(tmp_path, capsys):
     assert code == 0, err
     doc = json.loads((tmp_path / "b" / "plan.json").read_text())
     assert doc["options"]["max_frontier"] == 2 and doc["num_blocks"] == 4
+
+
+GPT_FILE = textwrap.dedent(
+    """
+    import torch
+    from localize.zoo import GPT
+
+
+    def model():
+        return GPT(vocab_size=16, block_size=8, dim=16, depth=4, heads=2)
+
+
+    def example_inputs():
+        return (torch.randint(0, 16, (2, 8)),)
+    """
+)
+
+
+def test_aux_option_flags_build_the_head_transform_builds(tmp_path, capsys):
+    """--aux readout --aux-option depth=0: the plan records the option and every head is the one
+    transform(aux_options={"depth": 0}) builds (the copied output head, no copied layer)."""
+    from localize.compiler.model_file import load_model_file, localize_file
+
+    path = tmp_path / "gpt.py"
+    path.write_text(GPT_FILE)
+    heads = {}
+    for name, flags in {"default": [], "depth 0": ["--aux-option", "depth=0"]}.items():
+        out = tmp_path / name.replace(" ", "_")
+        code, _, err = run_cli([path, "--blocks", "4", "--aux", "readout", *flags, "--out", out, "--no-onnx"], capsys)
+        assert code == 0, err
+        doc = json.loads((out / "plan.json").read_text())
+        heads[name] = [b["aux"]["params"] for b in doc["blocks"] if b["aux"]]
+    assert doc["options"]["aux_options"] == {"depth": 0}
+    lm, _ = localize_file(load_model_file(str(path)), blocks=4, aux="readout", aux_options={"depth": 0})
+    assert heads["depth 0"] == [sum(p.numel() for p in lm.aux[str(i)].parameters()) for i in range(3)]
+    assert all(a < b for a, b in zip(heads["depth 0"], heads["default"]))
 
 
 def test_threads_flag_sets_and_shows_the_thread_count(tiny, tmp_path, capsys):

@@ -247,12 +247,14 @@ def test_codegen_doctests():
     import localize.cli.train
     import localize.codegen.program
     import localize.codegen.restore
+    import localize.compiler.model_file
 
     for module in (
         localize.codegen.blocks,
         localize.codegen.program,
         localize.codegen.restore,
         localize.cli.train,
+        localize.compiler.model_file,
     ):
         result = doctest.testmod(module)
         assert result.failed == 0 and result.attempted > 0, module.__name__

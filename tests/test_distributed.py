@@ -410,6 +410,21 @@ def test_replicas_of_chunked_stages_average_like_one_big_batch(files, tmp_path, 
     assert_same_state(load_checkpoint(ckpt), ref.state_dict(), atol=1e-5)
 
 
+def test_aux_options_reach_every_stage(files, tmp_path):
+    """--aux readout --aux-option depth=0 under --distributed: every stage builds and trains the head
+    the option asks for (the copied output head only), and the pipeline ends where train_step ends."""
+    ckpt = tmp_path / "ckpt"
+    flags = ["--aux", "readout", "--aux-option", "depth=0"]
+    procs = launch(files["gpt"], 2, "--blocks", "2", "--batch-size", "8", "--checkpoint", str(ckpt), *flags)
+    ref = reference(files["gpt"], 2, 8, aux="readout", aux_options={"depth": 0})
+    default = reference(files["gpt"], 2, 8, aux="readout")
+    results = wait_all(procs)
+    assert [r[0] for r in results] == [0, 0], [r[2][-1500:] for r in results]
+    got = load_checkpoint(ckpt)
+    assert set(got) != set(default.state_dict())  # depth 2 would copy a layer into block 0's head
+    assert_same_state(got, ref.state_dict(), atol=1e-6)
+
+
 def test_recompute_on_a_pipeline_recomputes_and_equals_the_in_process_schedule(files, tmp_path):
     """--recompute under --distributed: each stage's block recomputes its units in backward (the
     units' layers run more often than without), and the pipeline ends where train_step ends."""

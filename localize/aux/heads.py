@@ -127,7 +127,7 @@ def _finish(spec: AuxSpec) -> nn.Module:
 def _option(spec: AuxSpec, name: str, default: int, valid: set[str]) -> int:
     unknown = set(spec.options) - valid
     if unknown:
-        raise ConfigError(f"unknown aux option(s) {sorted(unknown)}; valid options are {sorted(valid)}")
+        raise ConfigError(f"the dgl head has no option(s) {sorted(unknown)}; valid options are {sorted(valid)}")
     value = spec.options.get(name, default)
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(f"aux option {name}={value!r} must be a positive int")

@@ -26,6 +26,7 @@ import localize
 from localize.cli.quiet import torch_output_to
 from localize.compiler.model_file import (
     ModelFile,
+    aux_options,
     load_model_file,
     localize_file,
     split_spec,
@@ -103,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="number of blocks K (None: 4, or one more than the --cuts)",
     )
     p.add_argument("--aux", default="dgl", choices=available(), help="aux-head strategy")
+    p.add_argument(
+        "--aux-option", action="append", default=None, metavar="KEY=VALUE",
+        help="an option of the --aux strategy, repeatable, e.g. --aux readout --aux-option depth=4 "
+        "(each strategy's options: docs/strategies.md)",
+    )
     p.add_argument(
         "--balance",
         choices=list(METRICS),
@@ -227,6 +233,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     cuts = _parse_cuts(args.cuts)
+    options_of_aux = aux_options(args)
     for flag, value in (("--compare-bp", args.compare_bp), ("--checkpoint-every", args.checkpoint_every),
                         ("--resume", args.resume), ("--schedule", args.schedule != "none"),
                         ("--warmup", args.warmup)):
@@ -244,6 +251,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
                 mf,
                 blocks=args.blocks,
                 aux=args.aux,
+                aux_options=options_of_aux,
                 balance=args.balance,
                 cuts=cuts,
                 max_frontier=args.max_frontier,
@@ -260,7 +268,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         options = {
             "blocks": lm.plan.num_blocks,
             "aux": args.aux,
-            "aux_options": {},
+            "aux_options": dict(lm.plan.aux_options),
             "balance": lm.plan.balance,
             "cuts": cuts,
             "max_frontier": lm.plan.max_frontier,

@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import re
 import sys
@@ -243,6 +244,7 @@ def localize_file(
     chunk_size: int | None = None,
     chunk_keep: float = 1.0,
     recompute: bool = False,
+    aux_options: dict[str, Any] | None = None,
 ) -> tuple[Any, tuple[torch.Tensor, ...]]:
     """The compile step of the CLI and the distributed launcher: seed, build the model, transform it.
 
@@ -258,6 +260,7 @@ def localize_file(
         blocks=blocks,
         example_inputs=example,
         aux=aux,
+        aux_options=aux_options,
         optimizer=optimizer,
         lr=lr,
         loss_fn=mf.loss_fn,
@@ -273,6 +276,36 @@ def localize_file(
         recompute=recompute,
     )
     return lm, example
+
+
+def parse_aux_option(text: str) -> tuple[str, Any]:
+    """One ``--aux-option KEY=VALUE``: the value as a Python literal (``4``, ``0.9``, ``True``), else
+    as the text itself. The strategy checks names and values (``transform`` raises ``ConfigError``).
+
+    >>> parse_aux_option("depth=4"), parse_aux_option("follow=True"), parse_aux_option("kind=mlp")
+    (('depth', 4), ('follow', True), ('kind', 'mlp'))
+    """
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key.isidentifier():
+        raise ConfigError(f"--aux-option {text!r} is not KEY=VALUE; write e.g. --aux-option depth=4")
+    try:
+        value = ast.literal_eval(raw.strip())
+    except (ValueError, SyntaxError):
+        value = raw.strip()
+    return key, value
+
+
+def aux_options(args: Any) -> dict[str, Any]:
+    """The strategy options of a command line's repeated ``--aux-option KEY=VALUE`` (the CLI and the
+    distributed launcher share them); a key given twice is an error, not a silent override."""
+    options: dict[str, Any] = {}
+    for text in getattr(args, "aux_option", None) or []:
+        key, value = parse_aux_option(text)
+        if key in options:
+            raise ConfigError(f"--aux-option {key} is given twice ({options[key]!r} and {value!r}); give it once")
+        options[key] = value
+    return options
 
 
 def training_options(args: Any, mf: ModelFile, train: Any = None) -> dict[str, Any]:

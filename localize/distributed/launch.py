@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model", help="MODEL.py[:factory] defining model(), example_inputs() and dataset()")
     parser.add_argument("--blocks", type=int, required=True, help="K: blocks = pipeline stages")
     parser.add_argument("--aux", default="dgl")
+    parser.add_argument(
+        "--aux-option", action="append", default=None, metavar="KEY=VALUE", help="an option of --aux, repeatable"
+    )
     parser.add_argument("--optimizer", default="adamw")
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--clip", type=float, default=None, help="clip each block's gradient norm to this")
@@ -188,6 +191,7 @@ def run_cli(args: argparse.Namespace) -> int:
             cuts=cuts,
             max_frontier=getattr(args, "max_frontier", 1),
             training=args,
+            aux_options=_aux_options(args),
         )
         if len(lm.blocks) != blocks:
             raise ConfigError(
@@ -343,12 +347,19 @@ def _build_from_file(args: argparse.Namespace) -> tuple[LocalModel, Any]:
         lr=args.lr,
         seed=args.seed,
         training=args,
+        aux_options=_aux_options(args),
     )
     if int(os.environ.get("RANK", "0")) % args.blocks != 0:
         return lm, None  # only stage 0 reads the data
     if not mf.has_dataset:
         raise ConfigError(f"{args.model} defines no dataset(); add `def dataset(): return (train, test)`")
     return lm, mf.dataset()[0]
+
+
+def _aux_options(args: argparse.Namespace) -> dict[str, Any]:
+    from localize.compiler.model_file import aux_options  # lazily, as the compile step is
+
+    return aux_options(args)
 
 
 def _is_last_stage(lm: LocalModel) -> bool:
