@@ -246,6 +246,13 @@ def _length(chunk_programs: list[fx.GraphModule], calls: list[fx.Node], env: dic
     raise PlanError("no block reads a sequence input; chunk_size= has nothing to chunk")
 
 
+# The strategies whose heads score each position on its own on token features (B, T, C): a norm and
+# an MLP or a linear map per token. The others copy later layers (auglocal, man, readout), which on a
+# sequence model attend, recur or convolve across positions, or score the whole input (infopro,
+# featrecon, drtp).
+_PER_POSITION = "use aux='dgl' or 'linear', whose heads score each position on its own"
+
+
 def check_head(head: nn.Module | None, feature: torch.Tensor, dim: int, block: int, aux: str) -> None:
     """A head runs on one chunk at a time, so it must score each position on its own: probed like an op."""
     if head is None:
@@ -253,7 +260,7 @@ def check_head(head: nn.Module | None, feature: torch.Tensor, dim: int, block: i
     if hasattr(head, "local_loss"):
         raise ConfigError(
             f"aux={aux!r}: the head of block {block} computes its own loss over the whole input; with chunk_size= "
-            "use a head that scores each position (aux='dgl', 'linear', 'mlp', 'auglocal' or 'man')"
+            f"{_PER_POSITION}"
         )
     mode = head.training
     param = next(head.parameters(), None)
@@ -276,8 +283,8 @@ def check_head(head: nn.Module | None, feature: torch.Tensor, dim: int, block: i
                 or moved(ref, earlier, dim, t, length)
             ):
                 raise ConfigError(
-                    f"aux={aux!r}: the head of block {block} mixes positions, so it cannot score one chunk at a time; "
-                    "with chunk_size= use aux='linear', 'mlp', 'dgl' or 'auglocal'"
+                    f"aux={aux!r}: the head of block {block} mixes positions (its layers read other positions than "
+                    f"the one they score), so it cannot score one chunk at a time; with chunk_size= {_PER_POSITION}"
                 )
     finally:
         head.train(mode)

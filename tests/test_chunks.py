@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import re
 
 import pytest
 import torch
@@ -457,6 +458,31 @@ def test_bad_chunk_options_and_heads_are_refused() -> None:
         localize.transform(gpt, blocks=2, chunk_size=4)
     with pytest.raises(ConfigError, match="mixes positions"):
         localize.transform(gpt, blocks=2, example_inputs=(ids,), aux="readout", chunk_size=4)
+
+
+def test_every_strategy_either_chunks_or_is_refused_naming_ones_that_do() -> None:
+    """On a GPT, heads that score each position on their own chunk; the others are refused in one
+    line that names only strategies which chunk on this model (checked by running them)."""
+    from localize.aux import available
+
+    ids, _ = _data()
+    works, refused = [], {}
+    for aux in available():
+        try:
+            localize.transform(MODELS["gpt"](), blocks=2, example_inputs=(ids,), aux=aux, chunk_size=4)
+            works.append(aux)
+        except ConfigError as e:
+            refused[aux] = str(e)
+    assert works == ["dgl", "linear"]
+    assert set(refused) == {"auglocal", "drtp", "featrecon", "infopro", "man", "readout"}
+    for aux in ("auglocal", "man", "readout"):
+        assert "mixes positions" in refused[aux], refused[aux]
+    for aux in ("drtp", "featrecon", "infopro"):
+        assert "computes its own loss over the whole input" in refused[aux], refused[aux]
+    for message in refused.values():
+        assert "\n" not in message
+        named = set(re.findall(r"'(\w+)'", message.split("chunk_size=")[-1]))
+        assert named == set(works), message
 
 
 # ------------------------------------------------------------------------------------ Hugging Face
