@@ -60,6 +60,7 @@ class Config:
     quick: bool
     char_dim: int = 64
     char_depth: int = 4
+    block_lr: tuple[float, ...] = ()  # per-block multipliers of lr for local runs (K > 1)
 
 
 @dataclass
@@ -138,8 +139,9 @@ def run(cfg: Config, data) -> Result:
         for i in range(steps_per_epoch):
             lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / total))  # cosine schedule, every block alike
             for block in lm.blocks:
+                scale = cfg.block_lr[block.index] if cfg.block_lr and cfg.blocks > 1 else 1.0
                 for group in block.optimizer.param_groups if block.optimizer is not None else ():
-                    group["lr"] = lr
+                    group["lr"] = lr * scale
             idx = perm[i * cfg.batch : (i + 1) * cfg.batch]
             lm.train_step(x[idx], y[idx])
             step += 1
@@ -272,6 +274,10 @@ def main() -> None:
     parser.add_argument("--char-depth", type=int, default=4, help="GPT layers (4; 8 makes K=8 cut between layers)")
     parser.add_argument("--char-block", type=int, default=None, help="context length (64; 32 with --quick)")
     parser.add_argument("--vit-epochs", type=int, default=None)
+    parser.add_argument("--char-lr", type=float, default=2e-3, help="peak AdamW learning rate of the char LM (2e-3)")
+    parser.add_argument(
+        "--block-lr", default="", help="per-block multipliers of the learning rate for local runs, e.g. 2,1,1,1"
+    )
     parser.add_argument("--ks", default="", help="K values per task, e.g. char=2,4,8;vit=2,4")
     parser.add_argument("--seeds", type=int, default=1, help="runs per configuration (seeds seed, seed+1, ...)")
     parser.add_argument("--strategies", default=",".join(STRATEGIES), help="the strategies to run")
@@ -289,7 +295,10 @@ def main() -> None:
         "vit": args.vit_epochs or (3 if quick else 10),
     }
     batch = {"mnist1d": 64, "char": 32, "vit": 64}
-    lr = {"mnist1d": 3e-3, "char": 2e-3, "vit": 2e-3}
+    lr = {"mnist1d": 3e-3, "char": args.char_lr, "vit": 2e-3}
+    block_lr = tuple(float(v) for v in args.block_lr.split(",")) if args.block_lr else ()
+    if block_lr and len(block_lr) < max(k for ks in tasks.values() for k in ks):
+        parser.error(f"--block-lr gives {len(block_lr)} multipliers; give one per block of the largest K")
 
     jobs = []
     data_sizes: dict[str, torch.Tensor] = {}
@@ -306,6 +315,7 @@ def main() -> None:
             quick=quick,
             char_dim=char_dim,
             char_depth=args.char_depth,
+            block_lr=block_lr,
         )
         for seed in range(args.seed, args.seed + args.seeds):
             jobs.append((Config(method="backprop", blocks=1, seed=seed, **common), data))
