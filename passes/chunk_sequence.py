@@ -251,6 +251,17 @@ def _length(chunk_programs: list[fx.GraphModule], calls: list[fx.Node], env: dic
 # sequence model attend, recur or convolve across positions, or score the whole input (infopro,
 # featrecon, drtp).
 _PER_POSITION = "use aux='dgl' or 'linear', whose heads score each position on its own"
+# Features laid out (batch, channels, positions): every strategy's head pools over the positions.
+_NONE_PER_POSITION = (
+    "no strategy's head scores each position of (batch, channels, positions) features on its own yet; "
+    "train with blocks=1 and chunk_size=, or without chunk_size="
+)
+
+
+def _advice(feature: torch.Tensor, dim: int) -> str:
+    """What to use instead of a head that cannot score one chunk: per-position heads exist for
+    channels-last features (the sequence dim is not the last one), none for channels-first."""
+    return _NONE_PER_POSITION if dim % feature.dim() == feature.dim() - 1 else _PER_POSITION
 
 
 def check_head(head: nn.Module | None, feature: torch.Tensor, dim: int, block: int, aux: str) -> None:
@@ -260,7 +271,7 @@ def check_head(head: nn.Module | None, feature: torch.Tensor, dim: int, block: i
     if hasattr(head, "local_loss"):
         raise ConfigError(
             f"aux={aux!r}: the head of block {block} computes its own loss over the whole input; with chunk_size= "
-            f"{_PER_POSITION}"
+            f"{_advice(feature, dim)}"
         )
     mode = head.training
     param = next(head.parameters(), None)
@@ -284,7 +295,7 @@ def check_head(head: nn.Module | None, feature: torch.Tensor, dim: int, block: i
             ):
                 raise ConfigError(
                     f"aux={aux!r}: the head of block {block} mixes positions (its layers read other positions than "
-                    f"the one they score), so it cannot score one chunk at a time; with chunk_size= {_PER_POSITION}"
+                    f"the one they score), so it cannot score one chunk at a time; with chunk_size= {_advice(feature, dim)}"
                 )
     finally:
         head.train(mode)

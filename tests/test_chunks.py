@@ -485,6 +485,26 @@ def test_every_strategy_either_chunks_or_is_refused_naming_ones_that_do() -> Non
         assert named == set(works), message
 
 
+def test_heads_on_channels_first_features_are_refused_with_advice_that_works() -> None:
+    """A causal conv LM's features are (batch, channels, positions): every head pools over positions,
+    so no strategy chunks at K=2, and the refusal names none but says what does work (blocks=1)."""
+    from localize.aux import available
+
+    ids, _ = _data()
+    built = []
+    for aux in available():
+        try:  # without chunks: some strategies do not apply to this model at all (auglocal: no repeated layers)
+            localize.transform(MODELS["conv"](), blocks=2, example_inputs=(ids,), aux=aux)
+        except ConfigError:
+            continue
+        built.append(aux)
+        with pytest.raises(ConfigError, match=r"no strategy's head scores each position .* blocks=1") as raised:
+            localize.transform(MODELS["conv"](), blocks=2, example_inputs=(ids,), aux=aux, chunk_size=4)
+        assert "aux='" not in str(raised.value).split("chunk_size=")[-1]
+    assert {"dgl", "linear"} <= set(built)
+    localize.transform(MODELS["conv"](), blocks=1, example_inputs=(ids,), chunk_size=4)  # the advice holds
+
+
 # ------------------------------------------------------------------------------------ Hugging Face
 
 
