@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 import localize
+from localize.compiler.model_file import parse_aux_option
 from localize.data import char_dataset, digits, mnist1d, stdlib_text
 from localize.zoo import GPT, ResNet1d, ViT
 
@@ -163,11 +164,7 @@ def run(cfg: Config, data) -> Result:
 def parse_method(method: str) -> tuple[str, dict]:
     """``"readout[depth=1;follow=True]"`` -> ``("readout", {"depth": 1, "follow": True})``."""
     name, _, rest = method.partition("[")
-    options = {}
-    for part in filter(None, rest.rstrip("]").split(";")):
-        key, _, value = part.partition("=")
-        options[key] = json.loads(value.lower() if value in ("True", "False") else value)
-    return name, options
+    return name, dict(parse_aux_option(part) for part in filter(None, rest.rstrip("]").split(";")))
 
 
 def split_methods(text: str) -> list[str]:
