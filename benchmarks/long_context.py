@@ -6,7 +6,9 @@ For each model and sequence length T, in one run on the same weights, text and o
 * ``checkpoint``: ``torch.utils.checkpoint`` around every transformer layer (Hugging Face's own
   activation checkpointing for Llama);
 * ``seco``: ``localize.transform(model, blocks=1, chunk_size=C)``, the exact gradient chunk by chunk;
-* ``spaco``: the same with ``chunk_keep=0.25``.
+* ``spaco``: the same with ``chunk_keep=0.25``;
+* with ``--methods``, also ``readout4``: ``blocks=4, aux="readout"`` on the whole sequence, and
+  ``readout4-seco``: the same in chunks (every block and its readout head chunk by chunk).
 
 Memory is one training step measured as torch measures it: the peak of everything alive (parameters,
 gradients, optimizer state, activations, temporaries) by ``torch.distributed._tools.mem_tracker.
@@ -19,6 +21,7 @@ attention) on the same text.
     python benchmarks/long_context.py                                  # T = 1024 .. 8192, C = 256
     python benchmarks/long_context.py --models gpt --lengths 512,1024 --steps 2 --plot docs/x.png
     python benchmarks/long_context.py --width 256 --lengths 1024,2048,4096   # wider models
+    python benchmarks/long_context.py --models gpt --methods backprop,checkpoint,seco,readout4,readout4-seco
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from localize.runtime.peak import FlatMemTracker
 from localize.zoo import GPT
 
 METHODS = ("backprop", "checkpoint", "seco", "spaco")
+CHOICES = (*METHODS, "readout4", "readout4-seco")
 
 
 def text_batch(length: int, batch: int, vocab: dict[str, int], text: str, seed: int) -> tuple:
@@ -109,9 +113,10 @@ def make(method: str, model: nn.Module, ids: torch.Tensor, chunk: int) -> Any:
     if method in ("backprop", "checkpoint"):
         return Backprop(model, checkpointed=method == "checkpoint")
     keep = 0.25 if method == "spaco" else 1.0
+    blocks, aux = (4, "readout") if method.startswith("readout4") else (1, "dgl")
     return localize.transform(
-        model, blocks=1, example_inputs=(ids[:, : 2 * chunk],), chunk_size=chunk, chunk_keep=keep,
-        optimizer="adamw", lr=1e-3,
+        model, blocks=blocks, aux=aux, example_inputs=(ids[:, : 2 * chunk],),
+        chunk_size=None if method == "readout4" else chunk, chunk_keep=keep, optimizer="adamw", lr=1e-3,
     )
 
 
@@ -146,7 +151,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         name = kind if args.width == 64 else f"{kind}-w{args.width}"
         for length in lengths:
             batch = text_batch(length, args.batch, vocab, text, seed=length)
-            steps = {m: make(m, copy.deepcopy(base), batch[0], args.chunk) for m in METHODS}
+            steps = {m: make(m, copy.deepcopy(base), batch[0], args.chunk) for m in args.methods}
             for step in steps.values():
                 step.train_step(*batch)  # warm: optimizer state exists, kernels chosen
             mem = {}
@@ -154,18 +159,18 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 params = list(step.model.parameters())
                 mem[m] = memory(step, params, batch)
             seconds = timed(steps, batch, args.steps)
-            for m in METHODS:
+            for m in args.methods:
                 rows.append({
                     "model": name, "T": length, "method": m, "chunks": -(-length // args.chunk),
                     "total_mib": mem[m][0] / 2**20, "saved_mib": mem[m][1] / 2**20,
                     "ms": 1000 * seconds[m], "vs_backprop": seconds[m] / seconds["backprop"],
                 })
             Console().print(f"{name} T={length}: " + ", ".join(
-                f"{m} {mem[m][0] / 2**20:.0f} MiB {1000 * seconds[m]:.0f} ms" for m in METHODS))
+                f"{m} {mem[m][0] / 2**20:.0f} MiB {1000 * seconds[m]:.0f} ms" for m in args.methods))
     return rows
 
 
-def report(rows: list[dict[str, Any]], budget: float) -> None:
+def report(rows: list[dict[str, Any]], budget: float, methods: tuple[str, ...] = METHODS) -> None:
     table = Table(title=f"one training step, {torch.get_num_threads()} thread(s) (total peak by MemTracker)")
     for col in ("model", "T", "method", "total MiB", "saved MiB", "ms", "vs backprop"):
         table.add_column(col, justify="left" if col in ("model", "method") else "right")
@@ -175,18 +180,18 @@ def report(rows: list[dict[str, Any]], budget: float) -> None:
     Console().print(table)
     fits = Table(title=f"longest measured T whose total peak fits {budget:g} MiB")
     fits.add_column("model")
-    for m in METHODS:
+    for m in methods:
         fits.add_column(m, justify="right")
     for model in dict.fromkeys(r["model"] for r in rows):
         best = []
-        for m in METHODS:
+        for m in methods:
             ok = [r["T"] for r in rows if r["model"] == model and r["method"] == m and r["total_mib"] <= budget]
             best.append(str(max(ok)) if ok else "-")
         fits.add_row(model, *best)
     Console().print(fits)
 
 
-def plot(rows: list[dict[str, Any]], path: str) -> None:
+def plot(rows: list[dict[str, Any]], path: str, methods: tuple[str, ...] = METHODS) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -195,7 +200,7 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(len(models), 2, figsize=(10, 3.6 * len(models)), squeeze=False)
     for i, model in enumerate(models):
-        for m in METHODS:
+        for m in methods:
             pts = [r for r in rows if r["model"] == model and r["method"] == m]
             t = [r["T"] for r in pts]
             axes[i][0].plot(t, [r["total_mib"] for r in pts], marker="o", label=m)
@@ -219,18 +224,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per method (median)")
     parser.add_argument("--budget-mib", type=float, default=64.0, help="memory budget of the fits table")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma-separated, backprop first (the time ratios' reference): {', '.join(CHOICES)}")
     parser.add_argument("--json", default=None, help="also write the rows here")
     parser.add_argument("--plot", default=None, help="write a plot of memory and time against T here")
     args = parser.parse_args(argv)
+    args.methods = tuple(args.methods.split(","))
+    if args.methods[0] != "backprop" or not set(args.methods) <= set(CHOICES):
+        parser.error(f"--methods: backprop first, then any of {', '.join(CHOICES)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = run(args)
-    report(rows, args.budget_mib)
+    report(rows, args.budget_mib, args.methods)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
     if args.plot:
-        plot(rows, args.plot)
+        plot(rows, args.plot, args.methods)
 
 
 if __name__ == "__main__":

@@ -195,6 +195,9 @@ def build_step_graph(
             )
         elif action.kind is ActionKind.LOSS and chunking is not None:
             own_head = head_node(b) if head is not None else None
+            if chunking.head(b) is not None:  # a head that mixes positions: its own chunk program
+                root[f"head_chunk_{b}"] = chunking.head(b)
+                own_head = tag(graph.create_node("get_attr", f"head_chunk_{b}", name=f"head_chunk_{b}"), b)
             loss = call(
                 chunks.chunk_loss, b, "loss", chunk_prog[b], passes[b], own_head, target, loss_slots[b],
                 autocast=autocast,

@@ -35,16 +35,20 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from localize.errors import ConfigError, PlanError
-from localize.passes.find_sequence_ops import SeqFact, moved, perturbed, sdpa_args
+from localize.compiler.tracer import trace
+from localize.errors import ConfigError, PlanError, TraceError
+from localize.passes.bind_training_mode import bind_training_mode
+from localize.passes.find_sequence_ops import SeqFact, find_sequence_ops, moved, perturbed, sdpa_args
 from localize.runtime import chunks
 from localize.runtime.chunks import ChunkSpec
 
-__all__ = ["check_chunk_programs", "check_head", "chunk_block"]
+__all__ = ["check_chunk_programs", "chunk_block", "chunk_head"]
 
 
-def chunk_block(sub: fx.GraphModule, facts: dict[str, SeqFact], block: int) -> fx.GraphModule:
-    """The chunk program of block ``block`` (its GraphModule ``sub``)."""
+def chunk_block(
+    sub: fx.GraphModule, facts: dict[str, SeqFact], block: int, class_name: str | None = None
+) -> fx.GraphModule:
+    """The chunk program of block ``block`` (its GraphModule ``sub``; a head's graph is rewritten the same way)."""
     graph = fx.Graph()
     offset = graph.placeholder("offset")
     carry = graph.placeholder("carry")
@@ -165,7 +169,7 @@ def chunk_block(sub: fx.GraphModule, facts: dict[str, SeqFact], block: int) -> f
             env[node] = graph.node_copy(node, env.__getitem__)
     _drop_dead(graph)
     graph.lint()
-    gm = fx.GraphModule(sub, graph, class_name=f"Chunk{block}")
+    gm = fx.GraphModule(sub, graph, class_name=class_name or f"Chunk{block}")
     gm.chunk_spec = ChunkSpec(tuple(in_dims), tuple(out_dims), tuple(kinds))
     return gm
 
@@ -206,7 +210,7 @@ def check_chunk_programs(
     env = _block_inputs(program, inputs)
     calls = [n for n in program.graph.nodes if n.op == "call_module"]
     length = _length(chunk_programs, calls, env)
-    size = max(1, min(chunk_size, math.ceil(length / 3)))  # at least three chunks: every carry is exercised
+    size = _probe_size(chunk_size, length)
     modes = {m: m.training for m in program.modules()}
     program.eval()
     refs = []
@@ -246,11 +250,14 @@ def _length(chunk_programs: list[fx.GraphModule], calls: list[fx.Node], env: dic
     raise PlanError("no block reads a sequence input; chunk_size= has nothing to chunk")
 
 
-# The strategies whose heads score each position on its own on token features (B, T, C): a norm and
-# an MLP or a linear map per token. The others copy later layers (auglocal, man, readout), which on a
-# sequence model attend, recur or convolve across positions, or score the whole input (infopro,
-# featrecon, drtp).
-_PER_POSITION = "use aux='dgl' or 'linear', whose heads score each position on its own"
+# The strategies whose heads run one chunk at a time on token features (B, T, C): dgl and linear
+# score each position on its own (a norm and an MLP or a linear map per token); readout (and
+# auglocal, man) copy later layers, whose attention or recurrence carries its state from chunk to
+# chunk like the block's. infopro, featrecon and drtp score the whole input at once.
+_PER_POSITION = (
+    "use aux='readout' (its copies of the later layers carry their keys and values from chunk to chunk), "
+    "'dgl' or 'linear' (they score each position on its own)"
+)
 # Features laid out (batch, channels, positions): every strategy's head pools over the positions.
 _NONE_PER_POSITION = (
     "no strategy's head scores each position of (batch, channels, positions) features on its own yet; "
@@ -264,38 +271,78 @@ def _advice(feature: torch.Tensor, dim: int) -> str:
     return _NONE_PER_POSITION if dim % feature.dim() == feature.dim() - 1 else _PER_POSITION
 
 
-def check_head(head: nn.Module | None, feature: torch.Tensor, dim: int, block: int, aux: str) -> None:
-    """A head runs on one chunk at a time, so it must score each position on its own: probed like an op."""
+def chunk_head(
+    head: nn.Module | None, feature: torch.Tensor, dim: int, block: int, aux: str, chunk_size: int
+) -> fx.GraphModule | None:
+    """How block ``block``'s head runs on one chunk: None where it scores each position on its own
+    (it is called on the chunk as it is), else its own chunk program, rewritten like a block's (its
+    copies of later layers carry their keys and values from chunk to chunk) and checked the same
+    way. A head that computes its own loss over the whole input, or that reads later positions, is
+    refused with a :class:`ConfigError` naming what to use instead."""
     if head is None:
-        return
+        return None
     if hasattr(head, "local_loss"):
         raise ConfigError(
             f"aux={aux!r}: the head of block {block} computes its own loss over the whole input; with chunk_size= "
             f"{_advice(feature, dim)}"
         )
-    mode = head.training
     param = next(head.parameters(), None)
     if param is not None and feature.is_floating_point():
         feature = feature.to(param.dtype)  # heads are made in the default dtype; the model may be another
+    mode = head.training
     head.eval()
     try:
         with torch.no_grad():
-            gen = torch.Generator().manual_seed(0)
-            length = feature.size(dim)
-            t = max(1, length // 2)
-            ref = head(feature)
-            later = head(perturbed(feature, dim, t, length, gen))
-            earlier = head(perturbed(feature, dim, 0, t, gen))
-            if (
-                not isinstance(ref, torch.Tensor)
-                or ref.dim() < -dim
-                or ref.size(dim) != length
-                or moved(ref, later, dim, 0, t)
-                or moved(ref, earlier, dim, t, length)
-            ):
+            if _scores_each_position(head, feature, dim):
+                return None
+            try:
+                program = _head_program(head, feature, dim, block).eval()  # its dropout flags too
+                got = chunks.run_chunks(program, program.chunk_spec, _probe_size(chunk_size, feature.size(dim)),
+                                        (feature,)).outputs[0]
+                ref = head(feature)
+                err = float((ref - got).abs().max()) if ref.shape == got.shape else math.inf
+                if err > 1e-4 * (1.0 + float(ref.abs().max())):
+                    raise PlanError(f"run in chunks it differs from the whole sequence by {err:.3g}")
+            except (PlanError, TraceError) as e:
                 raise ConfigError(
-                    f"aux={aux!r}: the head of block {block} mixes positions (its layers read other positions than "
-                    f"the one they score), so it cannot score one chunk at a time; with chunk_size= {_advice(feature, dim)}"
-                )
+                    f"aux={aux!r}: the head of block {block} mixes positions in a way localize cannot carry from "
+                    f"chunk to chunk ({str(e).rstrip('.')}); with chunk_size= {_advice(feature, dim)}"
+                ) from None
     finally:
         head.train(mode)
+    program.train(mode)
+    return program
+
+
+def _probe_size(chunk_size: int, length: int) -> int:
+    return max(1, min(chunk_size, math.ceil(length / 3)))  # at least three chunks: every carry is exercised
+
+
+def _scores_each_position(head: nn.Module, feature: torch.Tensor, dim: int) -> bool:
+    """Probed like an op: perturbing the positions before (after) ``t`` moves no score after (before) it."""
+    gen = torch.Generator().manual_seed(0)
+    length = feature.size(dim)
+    t = max(1, length // 2)
+    ref = head(feature)
+    later = head(perturbed(feature, dim, t, length, gen))
+    earlier = head(perturbed(feature, dim, 0, t, gen))
+    return not (
+        not isinstance(ref, torch.Tensor)
+        or ref.dim() < -dim
+        or ref.size(dim) != length
+        or moved(ref, later, dim, 0, t)
+        or moved(ref, earlier, dim, t, length)
+    )
+
+
+def _head_program(head: nn.Module, feature: torch.Tensor, dim: int, block: int) -> fx.GraphModule:
+    """The head captured as a graph on ``feature`` (as the model was), its dropout bound to
+    ``train()``, rewritten to run one chunk; its layers are the head's own."""
+    seq = dim % feature.dim()
+    traced = trace(head, (feature,), seq_dim=seq)
+    bind_training_mode(traced.gm)
+    facts = find_sequence_ops(traced.gm, [feature], seq)
+    program = chunk_block(traced.gm, facts, block, class_name=f"HeadChunk{block}")
+    if len(program.chunk_spec.outputs) != 1 or program.chunk_spec.outputs[0] is None:
+        raise PlanError("its prediction does not run along the sequence")
+    return program

@@ -71,11 +71,16 @@ def output_head(plan: Plan, units: list[Unit], *, reinit: bool = True) -> Output
     leaf = out.args[0][plan.output_index]
     unit_nodes = set().union(*(u.nodes for u in units))
     keep: set[fx.Node] = set()
+    sizes: dict[fx.Node, int] = {}  # a size read from elsewhere that is one of the feature's: its dim
     stack = [leaf]
     try:
         while stack:
             n = stack.pop()
-            if n is start or n in keep:
+            if n is start or n in keep or n in sizes:
+                continue
+            dim = _feature_dim(n, start)
+            if dim is not None:
+                sizes[n] = dim
                 continue
             if n.op == "placeholder" or n.name in unit_nodes:
                 raise _Unsupported(n.name)
@@ -86,6 +91,8 @@ def output_head(plan: Plan, units: list[Unit], *, reinit: bool = True) -> Output
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {start: graph.placeholder("feature")}
+    for n, dim in sizes.items():
+        env[n] = graph.call_function(torch.ops.aten.sym_size.int, (env[start], dim))
     root: dict[str, Any] = {}
     owners: dict[str, nn.Module] = {}
     for n in sorted(keep, key=order.__getitem__):
@@ -97,6 +104,17 @@ def output_head(plan: Plan, units: list[Unit], *, reinit: bool = True) -> Output
     graph.output(env[leaf])
     module = fx.GraphModule(root, graph, "OutputHead")
     return OutputHead(module, value_info(start).shape, infer_layout(gm, start))
+
+
+def _feature_dim(node: fx.Node, feature: fx.Node) -> int | None:
+    """The dim of ``feature`` whose size ``node`` reads from elsewhere (an exported graph with a
+    dynamic batch or sequence reads them from the model input: ``sym_size(input_ids, 1)``), if any."""
+    if node.op != "call_function" or node.target is not torch.ops.aten.sym_size.int:
+        return None
+    size, value = node.meta.get("val"), feature.meta.get("val")
+    if not isinstance(size, torch.SymInt) or not isinstance(value, torch.Tensor):
+        return None
+    return next((d for d, s in enumerate(value.shape) if isinstance(s, torch.SymInt) and str(s) == str(size)), None)
 
 
 def _fresh_attr(plan: Plan, gm: fx.GraphModule, target: str, owners: dict[str, nn.Module], reinit: bool):

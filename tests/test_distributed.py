@@ -381,15 +381,17 @@ def test_training_loop_options_are_the_same_on_a_pipeline(files, tmp_path):
     assert ref.schedulers[0].last_epoch == 2 and ref.pending == 1  # 5 batches: 2 updates, 1 pending
 
 
-def test_sequence_chunks_on_a_pipeline_equal_the_in_process_schedule(files, tmp_path):
-    """--chunk-size under --distributed: each stage trains its block chunk by chunk (SeCO), and the
-    pipeline ends where LocalModel.train_step ends in one process."""
+@pytest.mark.parametrize("aux", ["dgl", "readout"])
+def test_sequence_chunks_on_a_pipeline_equal_the_in_process_schedule(files, tmp_path, aux):
+    """--chunk-size under --distributed: each stage trains its block chunk by chunk (SeCO), a readout
+    head as its own chunk program, and the pipeline ends where LocalModel.train_step ends in one process."""
     ckpt = tmp_path / "ckpt"
-    procs = launch(files["gpt"], 2, "--blocks", "2", "--batch-size", "8", "--checkpoint", str(ckpt), "--chunk-size", "4")
-    ref = reference(files["gpt"], 2, 8, chunk_size=4)
+    flags = ["--chunk-size", "4", "--aux", aux]
+    procs = launch(files["gpt"], 2, "--blocks", "2", "--batch-size", "8", "--checkpoint", str(ckpt), *flags)
+    ref = reference(files["gpt"], 2, 8, chunk_size=4, aux=aux)
     results = wait_all(procs)
     assert [r[0] for r in results] == [0, 0], [r[2][-1500:] for r in results]
-    assert ref.chunking is not None
+    assert ref.chunking is not None and (ref.head_chunk_programs[0] is not None) == (aux == "readout")
     assert_same_state(load_checkpoint(ckpt), ref.state_dict(), atol=1e-6)
 
 

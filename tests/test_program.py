@@ -225,22 +225,28 @@ def test_program_for_a_model_holding_torch_transformer_layers(tmp_path: Path):
     assert run_program(program, lm, batches, seed=3) == run_local(lm, batches, seed=3)
 
 
-@pytest.mark.parametrize("keep", ["1.0", "0.5"])
-def test_program_runs_the_chunked_step_like_train_step(keep: str, tmp_path: Path, capsys):
+@pytest.mark.parametrize(("aux", "keep"), [("linear", "1.0"), ("linear", "0.5"), ("readout", "1.0")])
+def test_program_runs_the_chunked_step_like_train_step(aux: str, keep: str, tmp_path: Path, capsys):
     """chunk_size= (SeCO) and chunk_keep= (SpaCO): program.py holds the chunk programs, sharing their
-    block's layers, and trains bit for bit like the LocalModel (the SpaCO draws from the same seed)."""
+    block's layers (and a readout head's chunk program its head's), and trains bit for bit like the
+    LocalModel (the SpaCO draws from the same seed)."""
     model_file = ROOT / "examples" / "charlm_gpt.py"
     out = tmp_path / "out"
-    argv = [str(model_file), "--blocks", "2", "--aux", "linear", "--out", str(out), "--no-onnx", "--batch-size", "4",
+    argv = [str(model_file), "--blocks", "2", "--aux", aux, "--out", str(out), "--no-onnx", "--batch-size", "4",
             "--seed", "4", "--chunk-size", "24", "--chunk-keep", keep]
     assert main(argv) == 0, capsys.readouterr().err
-    program = import_file(out / "program.py", f"program_chunked_{keep.replace('.', '_')}")
+    program = import_file(out / "program.py", f"program_chunked_{aux}_{keep.replace('.', '_')}")
     mf = load_model_file(str(model_file))
-    lm, _ = localize_file(mf, blocks=2, aux="linear", seed=4, chunk_size=24, chunk_keep=float(keep))
+    lm, _ = localize_file(mf, blocks=2, aux=aux, seed=4, chunk_size=24, chunk_keep=float(keep))
     batches_from = iterate_batches(mf.dataset()[0], 4, 4)
     batches = [next(batches_from) for _ in range(3)]
     step = program.build().train()
     assert [type(step.get_submodule(f"chunk_{i}")).__name__ for i in range(2)] == ["Chunk0", "Chunk1"]
+    if aux == "readout":  # the head's chunk program runs the head's very layers
+        head_chunk, head = step.get_submodule("head_chunk_0"), step.get_submodule("head_0")
+        assert type(head_chunk).__name__ == "HeadChunk0"
+        head_tensors = {id(t) for t in head.state_dict(keep_vars=True).values()}
+        assert all(id(t) in head_tensors for t in head_chunk.state_dict(keep_vars=True).values())
     state = StepState(mf.loss_fn, program.make_optimizers(step))
     torch.manual_seed(4)
     got = [run_step(step, state, list(x), y) for x, y in batches]

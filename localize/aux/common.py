@@ -131,11 +131,11 @@ def require_plan(spec: AuxSpec, strategy: str) -> Plan:
 
 def first_tensor(value: Any) -> torch.Tensor:
     """A layer's main output: the tensor itself, or the first tensor of a tuple / dict / ModelOutput."""
-    if isinstance(value, torch.Tensor):
-        return value
+    if isinstance(value, (torch.Tensor, torch.fx.Proxy)):
+        return value  # a Proxy: traced for chunk_size=, where the layer returned one value
     items = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else ()
     for item in items:
-        if isinstance(item, torch.Tensor):
+        if isinstance(item, (torch.Tensor, torch.fx.Proxy)):
             return item
     raise TypeError(f"layer returned {type(value).__name__} with no tensor in it")
 

@@ -37,6 +37,7 @@ from localize.codegen.modules import (
     ModuleCode,
     module_code,
     module_expr,
+    named_tensors,
     weights_of,
 )
 from localize.compiler.tracer import lmeta
@@ -88,6 +89,9 @@ class Generated:
     heads: list[ModuleCode | None]
     head_errors: list[str | None]
     chunks: list[ModuleCode | None] = field(default_factory=list)  # chunk programs (chunk_size=)
+    # heads' chunk programs (heads that attend across positions), None per block without one
+    head_chunks: list[ModuleCode | None] = field(default_factory=list)
+    head_chunk_errors: list[str | None] = field(default_factory=list)
 
     def weights(self, lm: LocalModel) -> dict[str, Any]:
         """The ``weights.pt`` payload: tensors per block and per head, by dotted path (``load_tensors``)."""
@@ -97,10 +101,16 @@ class Generated:
                 c.weights if c is not None else weights_of(b.module) for c, b in zip(self.blocks, lm.blocks)
             ],
             "heads": [c.weights if c is not None else None for c in self.heads],
+            # what a head's chunk program holds besides its head's tensors (it shares those)
+            "head_chunks": [
+                None if c is None else _own_tensors(c, h.module if h is not None else None)
+                for c, h in zip(self.head_chunks, self.heads)
+            ],
         }
 
     def first_error(self) -> str | None:
-        return next((e for e in self.block_errors + self.head_errors + self.chunk_errors if e is not None), None)
+        errors = self.block_errors + self.head_errors + self.chunk_errors + self.head_chunk_errors
+        return next((e for e in errors if e is not None), None)
 
     @property
     def chunk_errors(self) -> list[str | None]:
@@ -144,7 +154,43 @@ def generate(lm: LocalModel) -> Generated:
             gen.chunks.append(code)
         except CodegenError:
             gen.chunks.append(None)
+    for index, program in enumerate(lm.head_chunk_programs):
+        code, error = None, None
+        if program is not None:
+            try:
+                code = module_code(program, f"HeadChunk{index}", f"The aux head of block {index} on one chunk of the sequence.")
+                code.call, code.module = f"{code.name}()", program
+            except CodegenError as e:
+                error = f"the chunk program of block {index}'s aux head: {e}"
+        gen.head_chunks.append(code)
+        gen.head_chunk_errors.append(error)
     return gen
+
+
+def _own_tensors(code: ModuleCode, head: nn.Module | None) -> dict[str, Any]:
+    shared = {id(t) for t in named_tensors(head).values()} if head is not None else set()
+    return {p: code.weights[p] for p, t in named_tensors(code.module).items() if id(t) not in shared and p in code.weights}
+
+
+def shared_paths(target: nn.Module, source: nn.Module) -> list[tuple[str, str]]:
+    """``(path in target, path in source)`` of the modules, then of the remaining tensors, that are one
+    object in both: what generated code ties so a head's chunk program runs the head's own layers."""
+    modules = {id(m): p for p, m in source.named_modules(remove_duplicate=False) if p}
+    tensors = {id(t): p for p, t in named_tensors(source).items()}
+    out: list[tuple[str, str]] = []
+    covered: list[str] = []
+
+    def inside(path: str) -> bool:
+        return any(path.startswith(c + ".") for c in covered)
+
+    for path, module in target.named_modules(remove_duplicate=False):
+        if path and not inside(path) and id(module) in modules:
+            out.append((path, modules[id(module)]))
+            covered.append(path)
+    for path, tensor in named_tensors(target).items():
+        if not inside(path) and id(tensor) in tensors:
+            out.append((path, tensors[id(tensor)]))
+    return out
 
 
 def _head_code(lm: LocalModel, index: int) -> ModuleCode:

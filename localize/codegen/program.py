@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from localize.codegen.blocks import Generated, _header_imports, generate, step_block
+from localize.codegen.blocks import Generated, _header_imports, generate, shared_paths, step_block
 from localize.codegen.modules import _IDENT, CodegenError, _attr, _imports_for, named_tensors
 from localize.runtime.model import LocalModel
 from localize.runtime.schedulers import LRSchedule
@@ -81,7 +81,7 @@ def step_source(lm: LocalModel) -> tuple[str, set[str]]:
         "class TrainStep(nn.Module):\n"
         f'    """The training step: {lm.schedule}. fx wrote forward() from the step graph;\n'
         '    LocalModel.train_step runs the same code."""\n\n'
-        "    def __init__(self, blocks, heads, tensors, chunks=()):\n"
+        "    def __init__(self, blocks, heads, tensors, chunks=(), head_chunks=()):\n"
         "        super().__init__()\n"
         "        for i, (block, head) in enumerate(zip(blocks, heads)):\n"
         '            self.add_module(f"block_{i}", block)\n'
@@ -89,6 +89,9 @@ def step_source(lm: LocalModel) -> tuple[str, set[str]]:
         '                self.add_module(f"head_{i}", head)\n'
         "        for i, chunk in enumerate(chunks):  # chunk_size=: each block on one chunk, its layers shared\n"
         '            self.add_module(f"chunk_{i}", chunk)\n'
+        "        for i, chunk in enumerate(head_chunks):  # heads that attend across positions, on one chunk\n"
+        "            if chunk is not None:\n"
+        '                self.add_module(f"head_chunk_{i}", chunk)\n'
         "        load_tensors(self, tensors)  # tensors the step reads between blocks\n\n"
         f"{textwrap.indent(forward, '    ')}\n"
     )
@@ -109,7 +112,7 @@ def program_source(
     parts = gen or generate(lm)
     if parts.first_error() is not None:
         raise CodegenError(parts.first_error())
-    codes = [c for c in parts.blocks + parts.heads + parts.chunks if c is not None]
+    codes = [c for c in parts.blocks + parts.heads + parts.chunks + parts.head_chunks if c is not None]
     step, step_imports = step_source(lm)
     extra = _CHUNK_IMPORTS if parts.chunks else set()
     imports, inline = _header_imports(codes, tuple(sorted(step_imports | _PROGRAM_IMPORTS | extra)))
@@ -218,10 +221,28 @@ def _build_source(lm: LocalModel, parts: Generated) -> str:
         lines.append(f"    chunks = [{', '.join(c.call for c in parts.chunks)}]  # run the blocks' own layers")
         for index, program in enumerate(lm.chunk_programs):
             lines.append(f"    share(chunks[{index}], blocks[{index}]).chunk_spec = {program.chunk_spec!r}")
-        lines.append('    return TrainStep(blocks, heads, weights["step"], chunks)')
+        if any(c is not None for c in parts.head_chunks):
+            lines += _head_chunk_lines(parts)
+            lines.append('    return TrainStep(blocks, heads, weights["step"], chunks, head_chunks)')
+        else:
+            lines.append('    return TrainStep(blocks, heads, weights["step"], chunks)')
     else:
         lines.append('    return TrainStep(blocks, heads, weights["step"])')
     return "\n".join(lines) + "\n\n\n"
+
+
+def _head_chunk_lines(parts: Generated) -> list[str]:
+    """Build the heads' chunk programs: their own tensors from weights.pt, the head's layers tied in."""
+    calls = ", ".join(c.call if c is not None else "None" for c in parts.head_chunks)
+    lines = [f"    head_chunks = [{calls}]  # heads that attend across positions, on one chunk"]
+    for index, (code, head) in enumerate(zip(parts.head_chunks, parts.heads)):
+        if code is None:
+            continue
+        lines.append(f'    load_tensors(head_chunks[{index}], weights["head_chunks"][{index}])')
+        for path, source in shared_paths(code.module, head.module) if head is not None else ():
+            lines.append(f"    tie(head_chunks[{index}], {path!r}, {_get(('heads', index, source))})")
+        lines.append(f"    head_chunks[{index}].chunk_spec = {code.module.chunk_spec!r}")
+    return lines
 
 
 def _tie_lines(lm: LocalModel, parts: Generated) -> list[str]:

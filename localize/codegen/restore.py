@@ -90,13 +90,16 @@ def load_tensors(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
 
 def tie(module: nn.Module, path: str, value: Any) -> None:
     """Make ``module``'s tensor or module attribute at ``path`` *be* ``value`` (one object shared
-    by two blocks, or a head that follows a layer of the next block)."""
+    by two blocks, a head that follows a layer of the next block, a head's chunk program that runs
+    the head's layers)."""
     owner, _, name = path.rpartition(".")
     holder = module.get_submodule(owner) if owner else module
     if name in holder._parameters:
         holder._parameters[name] = value
     elif name in holder._buffers:
         holder._buffers[name] = value
+    elif name in holder._modules:
+        holder._modules[name] = value
     else:
         holder.__dict__[name] = value  # not registered: a plain attribute stays one
 

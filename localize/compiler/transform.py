@@ -21,7 +21,7 @@ from localize.passes.annotate_tensors import annotate_tensors, value_info
 from localize.passes.assign_blocks import assign_blocks
 from localize.passes.balance_blocks import METRICS, balance_blocks
 from localize.passes.bind_training_mode import bind_training_mode
-from localize.passes.chunk_sequence import check_chunk_programs, check_head, chunk_block
+from localize.passes.chunk_sequence import check_chunk_programs, chunk_block, chunk_head
 from localize.passes.cost import Cost, annotate_costs, node_cost
 from localize.passes.find_cut_points import compute_nodes, find_cut_points
 from localize.passes.find_sequence_ops import find_sequence_ops
@@ -287,17 +287,21 @@ def _check_chunks(chunk_size, chunk_keep, seq_dim, example_inputs, example_kwarg
 
 
 def _chunk_blocks(plan: Plan, heads, facts, flat: list[Any], chunk_size: int, chunk_keep: float) -> Chunking:
-    """One chunk program per block, checked against the block on the example; heads probed per position."""
+    """One chunk program per block, checked against the block on the example; per head, None where
+    it scores each position on its own, else its own chunk program (checked the same way)."""
     programs = [chunk_block(getattr(plan.program, f"submod_{b.index}"), facts, b.index) for b in plan.blocks]
     refs = check_chunk_programs(plan.program, programs, flat, chunk_size)
+    head_programs = []
     for b, head, program, outs in zip(plan.blocks, heads, programs, refs):
-        if head is not None and b.primary is not None:
-            slot = b.outputs.index(b.primary)
-            dim = program.chunk_spec.outputs[slot]
-            if dim is None:
-                raise PlanError(f"the activation block {b.index}'s head reads ({b.primary}) has no sequence dim")
-            check_head(head, outs[slot], dim, b.index, plan.aux)
-    return Chunking(chunk_size, float(chunk_keep), programs)
+        if head is None or b.primary is None:
+            head_programs.append(None)
+            continue
+        slot = b.outputs.index(b.primary)
+        dim = program.chunk_spec.outputs[slot]
+        if dim is None:
+            raise PlanError(f"the activation block {b.index}'s head reads ({b.primary}) has no sequence dim")
+        head_programs.append(chunk_head(head, outs[slot], dim, b.index, plan.aux, chunk_size))
+    return Chunking(chunk_size, float(chunk_keep), programs, head_programs)
 
 
 def _check_options(example_kwargs, aux_options, loss_fn, lr) -> None:

@@ -9,15 +9,18 @@ calls these ops for such a block instead of the block and its loss:
   RNG state each chunk started from, so dropout replays); with SeCO the last chunk alone keeps its
   graph, since the reverse walk starts with it. Its outputs, joined along the sequence, are the
   block's outputs: the next block reads them as it reads any block's.
-* :func:`chunk_loss` computes the loss over the whole sequence from the joined outputs, without a
-  graph (so replicas can agree on it before any backward).
+* :func:`chunk_loss` computes the loss over the whole sequence from the joined outputs, chunk by
+  chunk, without a graph (so replicas can agree on it before any backward). A head that scores
+  each position on its own runs on each chunk alone; a head that attends or recurs across positions
+  (``aux="readout"``'s copies of later layers) runs as its own chunk program, carrying its own
+  states (its layers' keys and values) from chunk to chunk.
 * :func:`chunk_backward` walks the chunks in reverse. Chunk ``c`` is recomputed (the last one is
   not: its graph is the forward's) with its carried-in states as leaves that require grad; it
   backpropagates its share of the loss plus the gradients later chunks sent into the states it
   carried out, which leaves the gradients of its carried-in states for chunk ``c - 1``. Each
   chunk's loss is weighted by its share of the counted targets (``ignore_index`` excluded), so the
   sum is the full sequence's mean loss and the gradient is exactly full-sequence backprop's (SeCO,
-  ``keep=1``).
+  ``keep=1``). A head program's states are walked back the same way, inside the same chunk.
 
 With ``keep=p < 1`` (SpaCO) each chunk backpropagates with probability ``p``, independently; a kept
 chunk scales everything it backpropagates (its loss and the gradients it was sent) by ``1/p``. By
@@ -83,11 +86,17 @@ class ChunkSpec:
 @dataclass(frozen=True)
 class Chunking:
     """``transform(chunk_size=, chunk_keep=)``: the chunk length, the SpaCO keep rate, one chunk
-    program per block."""
+    program per block, and per block the chunk program of its head where the head mixes positions
+    (None where it scores each position on its own, or there is no head)."""
 
     size: int
     keep: float
     programs: list[Any]
+    heads: list[Any] = field(default_factory=list)
+
+    def head(self, block: int) -> Any:
+        """Block ``block``'s head program, or None."""
+        return self.heads[block] if block < len(self.heads) else None
 
 
 @dataclass
@@ -101,12 +110,14 @@ class ChunkPass:
     states: list[list[torch.Tensor | None]]  # [chunk][state]
     rng: list[tuple[torch.Tensor, list[torch.Tensor]]] = field(default_factory=list)
     # With keep_last: the carried states as leaves that require grad ([chunk][state]; the last
-    # chunk ran on them), the last chunk's outputs and states with their graph, and the RNG state
-    # after its forward (its head's dropout draws from there).
+    # chunk ran on them), the last chunk's outputs and states with their graph.
     leaves: list[list[torch.Tensor | None]] | None = None
     last: tuple[tuple, tuple] | None = None
-    rng_after: tuple[torch.Tensor, list[torch.Tensor]] | None = None
-    weights: list[float] = field(default_factory=list)  # each chunk's share of the loss (chunk_loss)
+    # From chunk_loss: each chunk's share of the loss, the RNG state its head started from, and the
+    # states a head program carried out ([chunk][state]; None for a head that needs none).
+    weights: list[float] = field(default_factory=list)
+    head_rng: list[tuple[torch.Tensor, list[torch.Tensor]]] = field(default_factory=list)
+    head_states: list[list[torch.Tensor | None]] | None = None
 
 
 # ------------------------------------------------------------------------------ ops inside chunk programs
@@ -265,7 +276,6 @@ def run_chunks(
             done.leaves = _leaves(done.states)
             outs, states = program(start, _carried(spec, done.leaves, c), *chunk)
             done.last = (tuple(outs), tuple(states))
-            done.rng_after = _rng_state(inputs)
             outs, states = _detached(outs), _detached(states)
             done.leaves.append(_leaves([states])[0])
         else:
@@ -320,19 +330,28 @@ def keep_mask(n: int, keep: float) -> list[bool]:
     return (torch.rand(n) < keep).tolist()
 
 
-def _chunk_views(done: ChunkPass, spec: ChunkSpec, head: nn.Module | None, target: torch.Tensor, slot: int):
-    """The chunks' starts, and per chunk: its prediction from a feature, its slice of the target."""
+def _chunk_views(done: ChunkPass, spec: ChunkSpec, target: torch.Tensor, slot: int):
+    """The chunks' starts, and per chunk its slice of the target."""
     out_dim = spec.outputs[slot]
     feature_full = done.outputs[slot]
     tdim = (feature_full.dim() + out_dim) if out_dim < 0 else out_dim  # leading dims are shared
 
-    def pred_of(feature: torch.Tensor) -> torch.Tensor:
-        return feature if head is None else head(feature)
-
     def target_of(start: int, size: int) -> torch.Tensor:
         return target.narrow(tdim, start, size) if target.dim() > tdim else target
 
-    return list(range(0, done.length, done.size)), pred_of, target_of
+    return list(range(0, done.length, done.size)), target_of
+
+
+def _predict(head: nn.Module | None, start: int, c: int, states: list[list[Any]] | None, feature: torch.Tensor):
+    """Chunk ``c``'s prediction and the states its head carries out: a head that scores each position
+    on its own runs on the chunk alone; a head program (``chunk_spec``: a head that attends or
+    recurs across positions, rewritten like a block) also reads what earlier chunks carried."""
+    if head is None:
+        return feature, ()
+    if states is None:
+        return head(feature), ()
+    outs, own = head(start, _carried(head.chunk_spec, states, c), feature)
+    return outs[0], tuple(own)
 
 
 def _amp(state: StepState, autocast: str | None) -> Any:
@@ -350,23 +369,30 @@ def chunk_loss(
     autocast: str | None = None,
 ) -> float:
     """The loss of a chunked block over the whole sequence, without a graph: every chunk's loss
-    weighted by its share of the counted targets (``ignore_index`` excluded), summed. The weights stay
-    in ``done`` for :func:`chunk_backward`; the value is known before any backward pass, so replicas
+    weighted by its share of the counted targets (``ignore_index`` excluded), summed. The weights,
+    the RNG state each chunk's head started from and the states a head program carries stay in
+    ``done`` for :func:`chunk_backward`; the value is known before any backward pass, so replicas
     can agree on it first (a non-finite one backpropagates nothing anywhere)."""
     spec: ChunkSpec = program.chunk_spec
     ignore = getattr(state.loss_fn, "ignore_index", -100)
-    starts, pred_of, target_of = _chunk_views(done, spec, head, target, slot)
+    starts, target_of = _chunk_views(done, spec, target, slot)
     feature_full, out_dim = done.outputs[slot], spec.outputs[slot]
     total = _count(target, ignore)
     weights, values = [], []
+    done.head_rng = []
+    done.head_states = [] if hasattr(head, "chunk_spec") else None
     with torch.no_grad():
-        for start in starts:
+        for c, start in enumerate(starts):
             size = min(done.size, done.length - start)
             t = target_of(start, size)
             w = _count(t, ignore) / total if total > 0 else 0.0
             weights.append(w)
+            done.head_rng.append(_rng_state(done.inputs))  # the head's dropout replays in chunk_backward
             with _amp(state, autocast):
-                loss = state.loss_fn(pred_of(feature_full.narrow(out_dim, start, size)), t)
+                pred, own = _predict(head, start, c, done.head_states, feature_full.narrow(out_dim, start, size))
+                loss = state.loss_fn(pred, t)
+            if done.head_states is not None:
+                done.head_states.append(list(own))
             values.append(float(loss) * w if w > 0 else 0.0)
     done.weights = weights
     return math.fsum(values)
@@ -387,12 +413,12 @@ def chunk_backward(
 ) -> float:
     """L of a chunked block: its loss (``value``, from :func:`chunk_loss`) backpropagated chunk by
     chunk in reverse (SeCO), or through a random subset of chunks with compensation (SpaCO,
-    ``keep < 1``).
+    ``keep < 1``). A head program's carried states are walked back like the block's.
 
     Returns ``value``; a non-finite one is not backpropagated, as in :func:`localize.runtime.ops.backward`.
     """
     spec: ChunkSpec = program.chunk_spec
-    starts, pred_of, target_of = _chunk_views(done, spec, head, target, slot)
+    starts, target_of = _chunk_views(done, spec, target, slot)
     n = len(starts)
     weights = done.weights
     last, done.last = done.last, None  # the last chunk's graph: used (or dropped) below
@@ -402,9 +428,11 @@ def chunk_backward(
     kept = [True] * n if keep >= 1.0 else keep_mask(n, keep)
     comp = 1.0 if keep >= 1.0 else 1.0 / keep
     leaves = done.leaves if done.leaves is not None else _leaves(done.states)
+    head_leaves = _leaves(done.head_states) if done.head_states is not None else None
     for c in reversed(range(n)):
-        grads_in = [leaf.grad if isinstance(leaf, torch.Tensor) else None for leaf in leaves[c]]
-        for leaf in leaves[c]:
+        mine = leaves[c] + (head_leaves[c] if head_leaves is not None else [])
+        grads_in = [leaf.grad if isinstance(leaf, torch.Tensor) else None for leaf in mine]
+        for leaf in mine:
             if isinstance(leaf, torch.Tensor):
                 leaf.grad = None  # this chunk's carried-out gradients are consumed now
         if not kept[c] or (weights[c] == 0.0 and all(g is None for g in grads_in)):
@@ -414,17 +442,17 @@ def chunk_backward(
         size = min(done.size, done.length - start)
         if last is not None and c == n - 1:
             (outs, states), last = last, None
-            with _replay(done.rng_after, done.inputs) if done.rng_after else nullcontext(), _amp(state, autocast):
-                loss = state.loss_fn(pred_of(outs[slot]), target_of(start, size))
         else:
             with _replay(done.rng[c], done.inputs) if done.rng else nullcontext(), _amp(state, autocast):
                 outs, states = program(start, _carried(spec, leaves, c), *_chunk_inputs(spec, done.inputs, start, size))
-                loss = state.loss_fn(pred_of(outs[slot]), target_of(start, size))
+        with _replay(done.head_rng[c], done.inputs), _amp(state, autocast):
+            pred, head_own = _predict(head, start, c, head_leaves, outs[slot])
+            loss = state.loss_fn(pred, target_of(start, size))
         roots, grads = [], []
         if weights[c] > 0.0 and loss.requires_grad:
             roots.append(scale(loss * (weights[c] * comp)))
             grads.append(None)
-        for own, g in zip(states, grads_in):
+        for own, g in zip(tuple(states) + head_own, grads_in):
             if g is not None and own is not None and own.requires_grad:
                 roots.append(own)
                 grads.append(g * comp if comp != 1.0 else g)

@@ -197,6 +197,12 @@ class LocalModel(nn.Module):
         return list(self.chunking.programs) if self.chunking is not None else []
 
     @property
+    def head_chunk_programs(self) -> list[fx.GraphModule | None]:
+        """With ``chunk_size=``: per block, its head's chunk program where the head mixes positions
+        (it carries its layers' keys and values from chunk to chunk), else None."""
+        return [self.chunking.head(b) for b in range(len(self.blocks))] if self.chunking is not None else []
+
+    @property
     def recompute_programs(self) -> list[fx.GraphModule]:
         """With ``recompute=True``: each block split into runs, its units recomputed in backward
         (:mod:`localize.passes.recompute_units`); what the step calls. Else empty."""
@@ -263,14 +269,18 @@ class LocalModel(nn.Module):
         self._program.train(mode)
         for flag in self._flags:
             flag.train(mode)
+        for head in self.head_chunk_programs:
+            if head is not None:
+                head.train(mode)  # its layers are the head's; its dropout flags are its own
         return self
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
         super()._apply(fn, recurse)
         for block in self.blocks:
             block.module._apply(fn, recurse)
-        for other in self.chunk_programs + self.recompute_programs:
-            other._apply(fn, recurse)
+        for other in self.chunk_programs + self.recompute_programs + self.head_chunk_programs:
+            if other is not None:
+                other._apply(fn, recurse)
         self._retie()
         return self
 
