@@ -230,6 +230,28 @@ def test_chunked_blocks_equal_unchunked_local_learning(aux: str, name: str, bloc
         assert all(g.abs().sum() > 0 for g in _grads(chunked.aux))  # the head program trains the head's own layers
 
 
+def test_a_following_head_program_reads_the_heads_buffers_after_a_move() -> None:
+    """readout with follow=True on an exported graph: the head program reads the head's EMA buffers by
+    get_attr; after a buffer-replacing move (as .to(device) does) it still reads the head's, updated
+    every step, so the chunked step keeps ending where the unchunked one ends."""
+    ids, target = _data(length=10)
+    torch.manual_seed(2)
+    model = MODELS["hand"]()
+    twin = copy.deepcopy(model)
+    opts = {"follow": True, "momentum": 0.5}
+    plain = localize.transform(twin, blocks=2, example_inputs=(ids,), aux="readout", aux_options=opts,
+                               optimizer="sgd", lr=0.1)
+    chunked = localize.transform(model, blocks=2, example_inputs=(ids,), aux="readout", aux_options=opts,
+                                 optimizer="sgd", lr=0.1, chunk_size=3)
+    assert chunked.plan.traced.method == "export" and chunked.head_chunk_programs[0] is not None
+    chunked.aux.load_state_dict(plain.aux.state_dict())
+    for lm in (plain, chunked):
+        lm._apply(lambda t: t.clone())  # new buffer objects, parameters moved in place
+    for _ in range(3):
+        assert chunked.train_step(ids, target) == pytest.approx(plain.train_step(ids, target), rel=1e-5)
+    _assert_close(list(model.parameters()), list(twin.parameters()), 1e-5)
+
+
 def test_a_head_program_follows_train_and_eval() -> None:
     """A readout head copies layers with attention dropout: its chunk program drops in train() and
     not in eval(), like the head (the dropout flag is bound per program, as in blocks)."""

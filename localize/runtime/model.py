@@ -122,7 +122,8 @@ class LocalModel(nn.Module):
             sub = getattr(plan.program, f"submod_{bp.index}")
             self.blocks.append(Block(bp.index, sub, None, bp, owned.get(bp.index, [])))
         self._set_heads(heads)
-        self._ties = _attribute_ties(self.blocks, model)
+        graphs = [b.module for b in self.blocks] + self.chunk_programs + self._recompute + self.head_chunk_programs
+        self._ties = _attribute_ties([g for g in graphs if g is not None], self)
         self._prepare_runtime()
 
     # ------------------------------------------------------------------ structure
@@ -285,11 +286,12 @@ class LocalModel(nn.Module):
         return self
 
     def _retie(self) -> None:
-        """Point block graphs back at the model's tensors (``.to()`` replaces buffers)."""
+        """Point block, chunk and head graphs back at the model's and heads' tensors (``.to()`` replaces
+        buffers, and a head following its layers updates its own)."""
         for sub, target, path in self._ties:
             owner, _, name = target.rpartition(".")
             holder = sub.get_submodule(owner) if owner else sub
-            value = _get_path(self.model, path)
+            value = _get_path(self, path)
             if isinstance(value, nn.Parameter) and name in holder._parameters:
                 holder._parameters[name] = value
             elif name in holder._buffers:
@@ -479,20 +481,19 @@ def _owned_params(plan: Plan) -> dict[int, list[nn.Parameter]]:
     return owned
 
 
-def _attribute_ties(blocks: list[Block], model: nn.Module) -> list[tuple[fx.GraphModule, str, str]]:
-    """(block graph, attribute, model path) for every model tensor a block reads via get_attr."""
+def _attribute_ties(graphs: list[fx.GraphModule], root: nn.Module) -> list[tuple[fx.GraphModule, str, str]]:
+    """(graph, attribute, path in ``root``) for every tensor of the model or a head that a graph reads
+    via get_attr."""
     paths: dict[int, str] = {}
-    for name, t in model.named_parameters(remove_duplicate=False):
-        paths.setdefault(id(t), name)
-    for name, t in model.named_buffers(remove_duplicate=False):
+    for name, t in [*root.named_parameters(remove_duplicate=False), *root.named_buffers(remove_duplicate=False)]:
         paths.setdefault(id(t), name)
     ties = []
-    for block in blocks:
-        for node in block.module.graph.nodes:
+    for graph in graphs:
+        for node in graph.graph.nodes:
             if node.op == "get_attr":
-                value = _get_path(block.module, node.target)
+                value = _get_path(graph, node.target)
                 if id(value) in paths:
-                    ties.append((block.module, node.target, paths[id(value)]))
+                    ties.append((graph, node.target, paths[id(value)]))
     return ties
 
 
