@@ -9,11 +9,13 @@ every zoo architecture, and the ``on_nan`` policy.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import textwrap
 from pathlib import Path
 
+import jsonschema
 import pytest
 import torch
 from program_helpers import import_file, write_program
@@ -22,6 +24,7 @@ from zoo_models import ENTRIES
 import localize
 from localize.aux import available
 from localize.cli.main import main
+from localize.codegen import artifacts
 from localize.compiler.model_file import load_model_file, localize_file
 from localize.data import iterate_batches
 from localize.runtime.ops import NonFiniteLossError, StepState, run_step
@@ -235,6 +238,11 @@ def test_program_runs_the_chunked_step_like_train_step(aux: str, keep: str, tmp_
     argv = [str(model_file), "--blocks", "2", "--aux", aux, "--out", str(out), "--no-onnx", "--batch-size", "4",
             "--seed", "4", "--chunk-size", "24", "--chunk-keep", keep]
     assert main(argv) == 0, capsys.readouterr().err
+    chunked_head = aux == "readout"  # its copied layers attend across positions: a head program
+    assert ("(chunked)" in capsys.readouterr().out) == chunked_head
+    doc = json.loads((out / "plan.json").read_text())
+    jsonschema.validate(doc, artifacts.load_schema())
+    assert doc["blocks"][0]["aux"]["chunked"] == chunked_head
     program = import_file(out / "program.py", f"program_chunked_{aux}_{keep.replace('.', '_')}")
     mf = load_model_file(str(model_file))
     lm, _ = localize_file(mf, blocks=2, aux=aux, seed=4, chunk_size=24, chunk_keep=float(keep))

@@ -468,6 +468,7 @@ def summary_table(doc: dict[str, Any]) -> Table:
             f"{c['name']} {tuple(c['shape']) if c['shape'] is not None else ''}".rstrip() for c in b["crossing"]
         ) or "(model output)"
         aux = f"{b['aux']['strategy']}, {_si(b['aux']['params'])} params" if b["aux"] else "model output"
+        aux += " (chunked)" if b["aux"] and b["aux"].get("chunked") else ""
         table.add_row(
             str(b["index"]),
             str(len(b["nodes"])),

@@ -393,6 +393,8 @@ def plan_document(
                 "feature_shape": list(bp.feature_shape or ()),
                 "feature_layout": bp.feature_layout,
             }
+            if lm.chunking is not None:
+                aux["chunked"] = lm.chunking.head(i) is not None
         entry: dict[str, Any] = {
             "index": bp.index,
             "nodes": list(bp.nodes),
